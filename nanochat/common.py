@@ -1,0 +1,230 @@
+"""
+Shared runtime helpers for every nanochat stage: base directory, device and dtype policy,
+distributed init (gloo on CPU, NCCL on CUDA), rank-0 printing, atomic file writes and the
+per-stage event log (`events.jsonl`) and success marker (`result.json`).
+
+Nothing here imports specs/registry/runners/tui: a stage is a plain torch program that only writes files.
+"""
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# Paths
+
+
+def get_base_dir():
+    """$NANORUN_HOME or ~/.cache/nanorun; created on first use."""
+    base = os.environ.get("NANORUN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "nanorun")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+# -----------------------------------------------------------------------------
+# Atomic writes: write a temp file in the same directory, fsync, rename over the target.
+# A reader (or a resumed run) therefore sees either the old file or the complete new one, never a torn one.
+
+
+def _fsync_dir(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path, data):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_torch_save(obj, path):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(directory)
+
+
+def read_json(path, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+# -----------------------------------------------------------------------------
+# Device, dtype and distributed
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _detect_compute_dtype():
+    name = os.environ.get("NANOCHAT_DTYPE")
+    if name:
+        table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+                 "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+        if name not in table:
+            raise ValueError(f"NANOCHAT_DTYPE={name!r}: expected one of bfloat16, float16, float32")
+        return table[name]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
+
+
+# The activation/matmul dtype. Master weights stay fp32 (see gpt.Linear). Override with NANOCHAT_DTYPE.
+COMPUTE_DTYPE = _detect_compute_dtype()
+
+
+def is_ddp_requested():
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def get_dist_info():
+    """(ddp, rank, local_rank, world_size) from torchrun's environment."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def compute_init(device_type=""):
+    """Seed, pick the device and join the process group when launched by torchrun.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda requested but CUDA is not available")
+    torch.manual_seed(42)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(42)
+        torch.set_float32_matmul_precision("high")
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if ddp and not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def print0(*args, **kwargs):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -----------------------------------------------------------------------------
+# Peak FLOPs for MFU (dense BF16, per device), reference/nanochat.md section 5.4
+
+_PEAK_FLOPS = [  # (substring of the device name, flops); the first match wins, so specific names come first
+    ("gb200", 2.5e15), ("b200", 2.25e15), ("b100", 1.8e15),
+    ("h200 nvl", 836e12), ("h200", 989e12),
+    ("h100 nvl", 835e12), ("h100 pcie", 756e12), ("h100", 989e12),
+    ("h800 nvl", 989e12), ("h800", 756e12),
+    ("a100", 312e12), ("a800", 312e12), ("a40", 149.7e12), ("a30", 165e12),
+    ("l40s", 362e12), ("l4", 121e12),
+    ("mi355", 2.5e15), ("mi325", 1.3074e15), ("mi300x", 1.3074e15), ("mi300a", 980.6e12),
+    ("mi250x", 383e12), ("mi250", 362.1e12),
+    ("5090", 209.5e12), ("4090", 165.2e12), ("3090", 71e12),
+]
+
+
+def get_peak_flops(device_name):
+    """Dense BF16 peak for a GPU name (e.g. 'NVIDIA H100 80GB HBM3'); inf when unknown so MFU reads 0."""
+    name = device_name.lower()
+    for key, flops in _PEAK_FLOPS:
+        if key in name:
+            return flops
+    return float("inf")
+
+
+# -----------------------------------------------------------------------------
+# Stage outputs: events.jsonl (appended as things happen) and result.json (written last = success)
+
+
+class EventLog:
+    """Append-only JSON-lines log of one stage. Only rank 0 writes; every line is flushed so live
+    readers (TUI, `nanorun show`) can tail it. Each line: {"time": unix, "kind": ..., **fields}.
+    Kinds: "status" (status=running|done|failed), "metric" (step, values={name: float}),
+    "eval" (step, suite, task, metric, value, n), "sample" (step, prompt, text), "log" (message)."""
+
+    def __init__(self, path, rank=0):
+        self.path = path
+        self.enabled = rank == 0
+        self._f = None
+        if self.enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "a", buffering=1)
+
+    def log(self, kind, **fields):
+        if not self.enabled:
+            return
+        record = {"time": time.time(), "kind": kind, **fields}
+        self._f.write(json.dumps(record, default=float) + "\n")
+        self._f.flush()
+
+    def metric(self, step, **values):
+        self.log("metric", step=step, values={k: float(v) for k, v in values.items()})
+
+    def close(self):
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def write_result(out_dir, stage, metrics, outputs=None, **extra):
+    """result.json is the success marker of a stage directory; write it last, atomically."""
+    result = {"stage": stage, "status": "success", "finished_at": time.time(),
+              "metrics": metrics, "outputs": outputs or {}, **extra}
+    atomic_write_json(os.path.join(out_dir, "result.json"), result)
+    return result
