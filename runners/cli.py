@@ -1,0 +1,41 @@
+"""
+The `nanorun` command line. Each command is a thin shell over a library function; heavy modules
+(torch, duckdb, textual) are imported inside the command that needs them so `nanorun --help` stays instant.
+
+    nanorun validate specs/cpu_demo.yaml
+    nanorun plan specs/speedrun_d26.yaml [--json]
+    nanorun apply specs/cpu_demo.yaml --yes
+    nanorun runs | show RUN | leaderboard | query "select ..." | registry rebuild
+    nanorun tui
+"""
+
+import sys
+
+import click
+
+from specs.errors import NanorunError
+
+
+class NanorunGroup(click.Group):
+    """Turns a NanorunError into one line on stderr and its exit code; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except NanorunError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=NanorunGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nanorun")
+def main():
+    """nanorun: train ChatGPT-style models end to end from YAML specs, and keep every run in a DuckDB registry."""
+
+
+def _register():
+    # command modules register themselves on `main`; imported here so each stays a small file
+    from runners import cli_registry, cli_run  # noqa: F401
+
+
+_register()

@@ -1,0 +1,1 @@
+"""Registry commands of the nanorun CLI: runs, show, leaderboard, query, registry rebuild."""

@@ -1,0 +1,1 @@
+"""Spec commands of the nanorun CLI: validate, plan, apply."""
