@@ -1,0 +1,277 @@
+"""CORE evaluation: rendering, spans, scoring with a deterministic model, batched == unbatched, bundle reading,
+and a 2-rank torchrun run that must agree with one process."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import yaml
+
+from nanochat import core_eval
+from nanochat.core_eval import (CORE_TASKS, evaluate_core, evaluate_task, load_bundle, parse_core_yaml,
+                                prepare_example, render_prompts, score_examples)
+
+
+class ByteTokenizer:
+    """Bytes 0-255 are tokens, 256 is BOS."""
+
+    def get_bos_token_id(self):
+        return 256
+
+    def encode(self, text, prepend=None):
+        if isinstance(text, list):
+            return [self.encode(t, prepend) for t in text]
+        ids = list(text.encode("utf-8"))
+        return ([prepend] if prepend is not None else []) + ids
+
+
+class OracleModel(nn.Module):
+    """Predicts the next byte of a fixed target text: at each position it finds the longest suffix (up to 16
+    bytes) of the input that occurs in the target and puts logit 10 on the byte that follows it there."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target = target.encode()
+        self.forwards = 0
+
+    def forward(self, idx):
+        self.forwards += 1
+        B, T = idx.shape
+        logits = torch.zeros(B, T, 257)
+        for b in range(B):
+            row = idx[b].tolist()
+            for p in range(T):
+                for n in range(min(16, p + 1), 0, -1):
+                    window = row[p + 1 - n:p + 1]
+                    if 256 in window:
+                        continue
+                    j = self.target.find(bytes(window))
+                    if 0 <= j and j + n < len(self.target):
+                        logits[b, p, self.target[j + n]] = 10.0
+                        break
+        return logits
+
+
+class TinyCausalLM(nn.Module):
+    """A random-init one-layer causal transformer: real, non-trivial logits for batching checks."""
+
+    def __init__(self, vocab=257, dim=32, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(4096, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.head = nn.Linear(dim, vocab)
+
+    def forward(self, idx):
+        B, T = idx.shape
+        x = self.emb(idx) + self.pos(torch.arange(T))
+        q, k, v = self.qkv(x).view(B, T, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, -1)
+        return self.head(x + y).float()
+
+
+TOK = ByteTokenizer()
+MC = {"type": "multiple_choice", "shots": 0, "delimiter": " "}
+SCHEMA = {"type": "schema", "shots": 0, "delimiter": " "}
+LM = {"type": "language_modeling", "shots": 0, "delimiter": " "}
+
+
+def test_render_prompts_match_reference_templates():
+    fewshot = [{"query": "Q1", "choices": ["a", "b"], "gold": 1}]
+    item = {"query": "Q2", "choices": ["x", "y"], "gold": 0}
+    assert render_prompts(item, "multiple_choice", "\nAnswer: ", fewshot) == [
+        "Q1\nAnswer: b\n\nQ2\nAnswer: x", "Q1\nAnswer: b\n\nQ2\nAnswer: y"]
+    fewshot = [{"context_options": ["c0", "c1"], "continuation": "k", "gold": 0}]
+    item = {"context_options": ["A cat", "A dog"], "continuation": "barks.", "gold": 1}
+    assert render_prompts(item, "schema", " ", fewshot) == ["c0 k\n\nA cat barks.", "c0 k\n\nA dog barks."]
+    fewshot = [{"context": "  ctx one ", "continuation": "one"}]
+    item = {"context": " The sky is\n", "continuation": "blue"}
+    assert render_prompts(item, "language_modeling", " ", fewshot) == [
+        "ctx one one\n\nThe sky is", "ctx one one\n\nThe sky is blue"]
+    with pytest.raises(ValueError, match="icl_task_type"):
+        render_prompts(item, "generation", " ", [])
+
+
+def test_spans_and_fewshot_sampling():
+    items = [{"query": f"q{i}", "choices": ["red", "rose"], "gold": 0} for i in range(6)]
+    rows, starts, ends = prepare_example(2, items, {**MC, "shots": 3, "delimiter": ": "}, TOK)
+    picked = random.Random(1234 + 2).sample([0, 1, 3, 4, 5], 3)
+    prefix = "".join(f"q{i}: red\n\n" for i in picked)
+    assert rows[0] == TOK.encode(prefix + "q2: red", prepend=256)
+    # "red" / "rose" share "r": the span starts after the common token prefix and ends at each row's end
+    assert starts == [len(rows[0]) - 2] * 2 and ends == [len(rows[0]), len(rows[1])]
+    rows, starts, ends = prepare_example(0, [{"context_options": ["ab", "xyz"], "continuation": "go", "gold": 0}],
+                                         SCHEMA, TOK)
+    assert [r[s:e] for r, s, e in zip(rows, starts, ends)] == [list(b" go")] * 2
+    rows, starts, ends = prepare_example(0, [{"context": "hi", "continuation": "there"}], LM, TOK)
+    assert len(rows) == 1 and rows[0][starts[0]:ends[0]] == list(b" there")  # the stripped delimiter is scored
+    rows, starts, ends = prepare_example(0, [{"context": "hello world", "continuation": "ok"}], LM, TOK,
+                                         max_seq_len=5)
+    assert rows == [list(b"ld ok")] and (starts, ends) == ([2], [5])
+
+
+def test_multiple_choice_scoring_with_oracle():
+    model = OracleModel("The sky is blue. Grass is green. Snow is white.")
+    items = [{"query": "The sky is", "choices": ["green.", "blue."], "gold": 1},
+             {"query": "Grass is", "choices": ["green.", "white."], "gold": 0},
+             {"query": "Snow is", "choices": ["white.", "blue."], "gold": 1}]  # gold deliberately wrong
+    assert score_examples(model, TOK, items, MC, "cpu") == [True, True, False]
+    assert evaluate_task(model, TOK, items, MC, "cpu") == pytest.approx(2 / 3)
+
+
+def test_schema_scoring_with_oracle():
+    model = OracleModel("the trophy did not fit in the suitcase because the trophy was too big.")
+    items = [{"context_options": ["it did not fit because the suitcase", "it did not fit because the trophy"],
+              "continuation": "was too big.", "gold": 1},
+             {"context_options": ["it did not fit because the trophy", "it did not fit because the suitcase"],
+              "continuation": "was too big.", "gold": 1}]
+    assert score_examples(model, TOK, items, SCHEMA, "cpu") == [True, False]
+
+
+def test_language_modeling_scoring_with_oracle():
+    model = OracleModel("Paris is the capital of France. Rome, capital of Italy.")
+    items = [{"context": "Paris is the capital of", "continuation": "France."},
+             {"context": "Rome, capital of ", "continuation": "Italy."},  # context is trimmed
+             {"context": "Rome, capital of", "continuation": "Spain."}]
+    assert score_examples(model, TOK, items, LM, "cpu") == [True, True, False]
+    # greedy must reproduce every token: one wrong byte at the end is a miss
+    assert score_examples(model, TOK, [{"context": "Paris is the capital of", "continuation": "Francx"}],
+                          LM, "cpu") == [False]
+
+
+def _random_items(kind, n, seed):
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
+
+    def phrase(k):
+        return " ".join(rng.choice(words) for _ in range(k))
+    if kind == "multiple_choice":
+        return [{"query": phrase(rng.randint(2, 12)), "choices": [phrase(rng.randint(1, 4)) for _ in range(rng.randint(2, 4))],
+                 "gold": 0} for _ in range(n)]
+    if kind == "schema":
+        return [{"context_options": [phrase(rng.randint(1, 6)) for _ in range(2)], "continuation": phrase(3),
+                 "gold": rng.randint(0, 1)} for _ in range(n)]
+    return [{"context": phrase(rng.randint(2, 10)), "continuation": rng.choice(words)} for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "schema", "language_modeling"])
+def test_batched_equals_one_example_per_forward(kind):
+    model = TinyCausalLM().eval()
+    items = _random_items(kind, 40, seed=len(kind))
+    meta = {"type": kind, "shots": 2, "delimiter": " "}
+    one_by_one = score_examples(model, TOK, items, meta, "cpu", batch_tokens=0)
+    batched = score_examples(model, TOK, items, meta, "cpu", batch_tokens=4096)
+    assert batched == one_by_one
+    assert 0 < sum(one_by_one) < len(items) or kind == "language_modeling"
+    # the token budget really packs several examples into one forward
+    counter = OracleModel("x")
+    score_examples(counter, TOK, items[:10], meta, "cpu", batch_tokens=100_000)
+    assert counter.forwards == 1
+    counter.forwards = 0
+    score_examples(counter, TOK, items[:10], meta, "cpu", batch_tokens=0)
+    assert counter.forwards == 10
+
+
+def test_parse_core_yaml_agrees_with_pyyaml():
+    text = textwrap.dedent('''\
+        # comment
+        icl_tasks:
+        -
+          label: jeopardy
+          dataset_uri: world_knowledge/jeopardy_all.jsonl # trailing comment
+          num_fewshot: [10]
+          icl_task_type: language_modeling
+          continuation_delimiter: "\\nAnswer: "
+        - label: copa
+          dataset_uri: commonsense_reasoning/copa.jsonl
+          num_fewshot: [0]
+          icl_task_type: multiple_choice
+          continuation_delimiter: ' # not a comment'
+        ''')
+    assert parse_core_yaml(text) == yaml.safe_load(text)["icl_tasks"]
+
+
+def _write_bundle(root, tasks):
+    """tasks: list of (label, uri, type, shots, delimiter, baseline, items)."""
+    lines = ["icl_tasks:"]
+    for label, uri, kind, shots, delim, _, items in tasks:
+        lines += ["-", f"  label: {label}", f"  dataset_uri: {uri}", f"  num_fewshot: [{shots}]",
+                  f"  icl_task_type: {kind}", f"  continuation_delimiter: {json.dumps(delim)}"]
+        path = os.path.join(root, "eval_data", uri)
+        if items is not None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.writelines(json.dumps(it) + "\n" for it in items)
+    with open(os.path.join(root, "core.yaml"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(root, "eval_meta_data.csv"), "w") as f:
+        f.write("Eval Task,Task Category,Random baseline\n")
+        f.writelines(f"{t[0]},x,{t[5]}\n" for t in tasks)
+
+
+def test_load_bundle_and_evaluate_core(tmp_path):
+    model = OracleModel("Paris is the capital of France. The sky is blue. Grass is green.")
+    mc = [{"query": "The sky is", "choices": ["green.", "blue."], "gold": 1},
+          {"query": "Grass is", "choices": ["green.", "blue."], "gold": 1}]
+    lm = [{"context": "Paris is the capital of", "continuation": "France."}] * 3
+    _write_bundle(tmp_path, [("copa", "commonsense_reasoning/copa.jsonl", "multiple_choice", 0, " ", 50, mc),
+                             ("lambada_openai", "language_understanding/lambada_openai.jsonl",
+                              "language_modeling", 1, " ", 0, lm),
+                             ("winograd", "language_understanding/winograd_wsc.jsonl", "schema", 0, " ", 50, None)])
+    tasks = load_bundle(tmp_path)
+    assert [(t["label"], t["shots"], t["baseline"], t["available"]) for t in tasks] == [
+        ("copa", 0, 50.0, True), ("lambada_openai", 1, 0.0, True), ("winograd", 0, 50.0, False)]
+    logged = []
+    out = evaluate_core(model, TOK, tmp_path, "cpu", on_task=lambda label, r: logged.append(label))
+    assert out["tasks"]["copa"] == {"accuracy": 0.5, "centered": 0.0, "n": 2}
+    assert out["tasks"]["lambada_openai"]["accuracy"] == 1.0
+    assert out["core_metric"] == pytest.approx(0.5)
+    assert out["partial"] and "winograd" in out["missing"] and len(out["missing"]) == 20
+    assert logged == ["copa", "lambada_openai"]
+    assert evaluate_core(model, TOK, tmp_path, "cpu", max_per_task=1)["tasks"]["copa"]["n"] == 1
+    with pytest.raises(FileNotFoundError, match="core.yaml"):
+        load_bundle(tmp_path / "nope")
+
+
+def test_core_task_table_is_the_22_dclm_tasks():
+    assert len(CORE_TASKS) == 22 and len({t[0] for t in CORE_TASKS}) == 22
+    assert sum(t[3] for t in CORE_TASKS) == 10 * 14 + 3
+    assert {t[2] for t in CORE_TASKS} == {"multiple_choice", "schema", "language_modeling"}
+
+
+DIST_SCRIPT = '''
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from test_core_eval import TinyCausalLM, ByteTokenizer, _random_items
+from nanochat.common import compute_init
+from nanochat.core_eval import evaluate_task
+compute_init("cpu")
+model = TinyCausalLM().eval()
+items = _random_items("multiple_choice", 23, seed=5)
+acc = evaluate_task(model, ByteTokenizer(), items, {"type": "multiple_choice", "shots": 1, "delimiter": " "}, "cpu")
+import torch.distributed as dist
+with open(sys.argv[2] + f"/acc{dist.get_rank()}.json", "w") as f:
+    json.dump(acc, f)
+'''
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_single_process(tmp_path):
+    script = tmp_path / "dist_core.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "NANORUN_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script), os.path.dirname(__file__), str(tmp_path)], check=True, env=env, timeout=120)
+    model = TinyCausalLM().eval()
+    items = _random_items("multiple_choice", 23, seed=5)
+    single = evaluate_task(model, TOK, items, {"type": "multiple_choice", "shots": 1, "delimiter": " "}, "cpu")
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"acc{rank}.json").read_text()) == pytest.approx(single)
