@@ -1,0 +1,115 @@
+"""MuonAdamW tests: AdamW parity with torch, Muon orthogonality, schedule fields, exact state round trip,
+gradient averaging under torchrun (gloo). Run: .venv/bin/pytest tests/test_optim.py"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from nanochat.gpt import GPTConfig, build_model
+from nanochat.optim import MuonAdamW, polar_express
+
+
+def test_adamw_group_matches_torch_adamw():
+    torch.manual_seed(0)
+    p0 = torch.randn(16, 8)
+    ours_p = torch.nn.Parameter(p0.clone())
+    ref_p = torch.nn.Parameter(p0.clone())
+    ours = MuonAdamW([{"kind": "adamw", "params": [ours_p], "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10,
+                       "weight_decay": 0.1}])
+    ref = torch.optim.AdamW([ref_p], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    for _ in range(10):
+        g = torch.randn(16, 8)
+        ours_p.grad, ref_p.grad = g.clone(), g.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(ours_p, ref_p, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(ours_p, p0)
+
+
+def test_polar_express_is_near_orthogonal():
+    torch.manual_seed(0)
+    for shape in [(64, 32), (32, 64), (48, 48)]:
+        X = polar_express(torch.randn(2, *shape))
+        s = torch.linalg.svdvals(X)
+        assert s.max() / s.min() < 4, (shape, s)
+
+
+def test_first_muon_update_is_near_semi_orthogonal():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(96, 32))
+    opt = MuonAdamW([{"kind": "muon", "params": [p], "lr": 0.1, "momentum": 0.95, "beta2": 0.9, "ns_steps": 5,
+                      "weight_decay": 0.0}])
+    p.grad = torch.randn(96, 32)
+    opt.step()
+    update = -p.detach() / (0.1 * (96 / 32) ** 0.5)       # undo lr and the per-shape lr scale
+    s = torch.linalg.svdvals(update)
+    assert s.max() / s.min() < 4
+    # Muon+ / NorMuon keep the Frobenius norm at sqrt(min(m, n))
+    assert abs(update.norm().item() - 32 ** 0.5) < 1e-3
+
+
+def _train(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, 300, (2, 32), generator=g)
+        model(idx, idx.roll(-1, 1)).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def test_state_dict_round_trip_is_exact():
+    cfg = GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64)
+    torch.manual_seed(0)
+    a = build_model(cfg, "cpu")
+    opt_a = a.setup_optimizer(weight_decay=0.2)
+    assert all(g["initial_lr"] == g["lr"] for g in opt_a.param_groups)
+    assert {g["kind"] for g in opt_a.param_groups} == {"adamw", "muon"}
+    _train(a, opt_a, 3, seed=1)
+    b = build_model(cfg, "cpu")
+    b.load_state_dict(a.state_dict())
+    opt_b = b.setup_optimizer(weight_decay=0.2)
+    opt_b.load_state_dict(opt_a.state_dict())
+    _train(a, opt_a, 3, seed=2)
+    _train(b, opt_b, 3, seed=2)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), name
+
+
+def test_grad_average_under_torchrun(tmp_path):
+    """Two gloo ranks with different data end with identical params equal to a single-process run on the
+    averaged gradient."""
+    script = tmp_path / "dist_opt.py"
+    script.write_text(textwrap.dedent("""
+        import os, torch, torch.distributed as dist
+        from nanochat.optim import MuonAdamW
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        torch.manual_seed(0)
+        w, e = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(5, 3))
+        opt = MuonAdamW([
+            {"kind": "muon", "params": [w], "lr": 0.05, "momentum": 0.95, "beta2": 0.9, "ns_steps": 5, "weight_decay": 0.1},
+            {"kind": "adamw", "params": [e], "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}])
+        w.grad = torch.full((8, 4), float(rank + 1)) * torch.arange(32.).view(8, 4)
+        e.grad = torch.full((5, 3), float(rank + 1))
+        opt.step()
+        torch.save({"w": w.detach(), "e": e.detach()}, os.environ["OUT"] + f"/rank{rank}.pt")
+        dist.destroy_process_group()
+    """))
+    env = {**os.environ, "OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(script)], check=True, env=env, timeout=120, capture_output=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert torch.equal(r0["w"], r1["w"]) and torch.equal(r0["e"], r1["e"])
+    # single process, mean gradient (1.5x)
+    torch.manual_seed(0)
+    w, e = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(5, 3))
+    opt = MuonAdamW([
+        {"kind": "muon", "params": [w], "lr": 0.05, "momentum": 0.95, "beta2": 0.9, "ns_steps": 5, "weight_decay": 0.1},
+        {"kind": "adamw", "params": [e], "lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-10, "weight_decay": 0.0}])
+    w.grad = torch.full((8, 4), 1.5) * torch.arange(32.).view(8, 4)
+    e.grad = torch.full((5, 3), 1.5)
+    opt.step()
+    assert torch.allclose(r0["w"], w.detach(), atol=1e-6) and torch.allclose(r0["e"], e.detach(), atol=1e-6)
