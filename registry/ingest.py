@@ -1,0 +1,357 @@
+"""
+Ingest run directories (the source of truth) into the registry database.
+
+    from registry.ingest import ingest_run, ingest_all, sync, rebuild
+    ingest_run("~/.cache/nanorun/runs/cpu_demo-1a2b3c4d")   # after a stage finishes
+    sync()       # ingest every run whose run.json changed (or that is still running) since the last ingest
+    rebuild()    # recreate registry.duckdb from $NANORUN_HOME/runs/* (crash-safe: temp file + rename)
+
+Layout read here (written by runners and stages):
+    runs/<run_id>/run.json                     run record with its ordered list of stages
+    stages/<stage>-<key8>/events.jsonl         metric/eval/sample/status/log lines; the last may be partial
+    stages/<stage>-<key8>/result.json          present only when the stage succeeded
+Stage directories are shared between runs, so their rows are keyed by stage key, not by run.
+Re-ingesting replaces a run's rows and its stages' rows in one transaction; rows go in as Arrow tables.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import pyarrow as pa
+
+from registry.db import RegistryLocked, connect, get_home, registry_path
+from specs.errors import RegistryError
+
+# Arrow schemas, one per table, in the column order of registry.db
+RUNS = pa.schema([
+    ("run_id", pa.string()), ("name", pa.string()), ("spec_path", pa.string()), ("spec_hash", pa.string()),
+    ("spec_yaml", pa.string()), ("plan_json", pa.string()), ("status", pa.string()), ("created_at", pa.float64()),
+    ("started_at", pa.float64()), ("finished_at", pa.float64()), ("git_commit", pa.string()), ("host", pa.string()),
+    ("nodes", pa.int32()), ("gpus_per_node", pa.int32()), ("gpu", pa.string()), ("usd_per_gpu_hour", pa.float64()),
+    ("device_type", pa.string()), ("tags", pa.list_(pa.string())), ("seed", pa.int64()), ("depth", pa.int32()),
+    ("run_dir", pa.string()), ("run_json_mtime", pa.float64()), ("ingested_at", pa.float64())])
+STAGES = pa.schema([
+    ("run_id", pa.string()), ("idx", pa.int32()), ("stage", pa.string()), ("key", pa.string()),
+    ("status", pa.string()), ("started_at", pa.float64()), ("finished_at", pa.float64()),
+    ("wall_seconds", pa.float64()), ("exit_code", pa.int32()), ("error", pa.string()), ("dir", pa.string())])
+METRICS = pa.schema([("key", pa.string()), ("step", pa.int64()), ("name", pa.string()), ("value", pa.float64()),
+                     ("time", pa.float64())])
+EVALS = pa.schema([("key", pa.string()), ("step", pa.int64()), ("suite", pa.string()), ("task", pa.string()),
+                   ("metric", pa.string()), ("value", pa.float64()), ("n", pa.int64()), ("time", pa.float64())])
+SAMPLES = pa.schema([("key", pa.string()), ("step", pa.int64()), ("prompt", pa.string()), ("text", pa.string()),
+                     ("time", pa.float64()), ("line", pa.int64())])
+RESULTS = pa.schema([("key", pa.string()), ("stage", pa.string()), ("name", pa.string()),
+                     ("value_double", pa.float64()), ("value_text", pa.string())])
+TABLES = {"runs": RUNS, "stages": STAGES, "metrics": METRICS, "evals": EVALS, "samples": SAMPLES,
+          "stage_results": RESULTS}
+
+
+def _columns(schema):
+    return {name: [] for name in schema.names}
+
+
+def _float(x):
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _int(x):
+    try:
+        return int(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def _find_depth(obj):
+    """The model depth somewhere in the resolved plan (its exact shape belongs to runners)."""
+    if isinstance(obj, dict):
+        for k in ("depth", "n_layer"):
+            if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool):
+                return obj[k]
+        children = obj.values()
+    elif isinstance(obj, list):
+        children = obj
+    else:
+        return None
+    for child in children:
+        depth = _find_depth(child)
+        if depth is not None:
+            return depth
+    return None
+
+
+# -----------------------------------------------------------------------------
+# Reading files
+
+
+def read_events(path, key, out):
+    """Append the metric/eval/sample lines of one events.jsonl to the column dicts in `out`.
+    A line that does not parse (the partial last line of a running stage) is skipped."""
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return
+    metrics, evals, samples = out["metrics"], out["evals"], out["samples"]
+    with f:
+        for lineno, line in enumerate(f):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(event, dict):
+                continue
+            kind, t, step = event.get("kind"), _float(event.get("time")), _int(event.get("step"))
+            if kind == "metric":
+                for name, value in (event.get("values") or {}).items():
+                    metrics["key"].append(key)
+                    metrics["step"].append(step)
+                    metrics["name"].append(name)
+                    metrics["value"].append(_float(value))
+                    metrics["time"].append(t)
+            elif kind == "eval":
+                evals["key"].append(key)
+                evals["step"].append(step)
+                for col in ("suite", "task", "metric"):
+                    evals[col].append(None if event.get(col) is None else str(event[col]))
+                evals["value"].append(_float(event.get("value")))
+                evals["n"].append(_int(event.get("n")))
+                evals["time"].append(t)
+            elif kind == "sample":
+                samples["key"].append(key)
+                samples["step"].append(step)
+                samples["prompt"].append(None if event.get("prompt") is None else str(event["prompt"]))
+                samples["text"].append(None if event.get("text") is None else str(event["text"]))
+                samples["time"].append(t)
+                samples["line"].append(lineno)
+
+
+def read_result(path, key, stage, out):
+    try:
+        with open(path, encoding="utf-8") as f:
+            result = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return
+    results = out["stage_results"]
+    for name, value in (result.get("metrics") or {}).items():
+        results["key"].append(key)
+        results["stage"].append(stage)
+        results["name"].append(name)
+        if isinstance(value, (bool, int, float)):
+            results["value_double"].append(_float(value))
+            results["value_text"].append(json.dumps(value))
+        else:
+            results["value_double"].append(None)
+            results["value_text"].append(value if isinstance(value, str) else json.dumps(value, default=str))
+
+
+def _stage_dir(home, recorded):
+    """The stage directory as recorded, or under this home if the tree was moved/copied."""
+    if recorded and os.path.isdir(recorded):
+        return recorded
+    if recorded:
+        moved = os.path.join(home, "stages", os.path.basename(os.path.normpath(recorded)))
+        if os.path.isdir(moved):
+            return moved
+    return recorded
+
+
+def read_run(run_dir, home, out, seen_keys):
+    """Append one run's rows to `out` (column dicts per table). Stage keys already in `seen_keys` are not
+    re-read (shared stage directories). Returns (run_id, [stage keys])."""
+    path = os.path.join(run_dir, "run.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            run = json.load(f)
+        mtime = os.stat(path).st_mtime
+    except FileNotFoundError:
+        raise RegistryError(f"{path}: no run.json (not a run directory)") from None
+    except ValueError as e:
+        raise RegistryError(f"{path}: not valid JSON ({e})") from None
+    run_id = run.get("run_id") or os.path.basename(os.path.normpath(run_dir))
+    hardware = run.get("hardware") or {}
+    plan = run.get("plan")
+    row = {
+        "run_id": run_id, "name": run.get("name"), "spec_path": run.get("spec_path"),
+        "spec_hash": run.get("spec_hash"), "spec_yaml": run.get("spec_yaml"),
+        "plan_json": None if plan is None else json.dumps(plan, sort_keys=True, default=str),
+        "status": run.get("status"), "created_at": _float(run.get("created_at")),
+        "started_at": _float(run.get("started_at")), "finished_at": _float(run.get("finished_at")),
+        "git_commit": run.get("git_commit"), "host": run.get("host"),
+        "nodes": _int(hardware.get("nodes")), "gpus_per_node": _int(hardware.get("gpus_per_node")),
+        "gpu": hardware.get("gpu"), "usd_per_gpu_hour": _float(hardware.get("usd_per_gpu_hour")),
+        "device_type": hardware.get("device_type"), "tags": [str(t) for t in run.get("tags") or []],
+        "seed": _int(run.get("seed")), "depth": _find_depth(plan), "run_dir": os.path.abspath(run_dir),
+        "run_json_mtime": mtime, "ingested_at": time.time(),
+    }
+    for col, value in row.items():
+        out["runs"][col].append(value)
+    keys = []
+    for idx, stage in enumerate(run.get("stages") or []):
+        key, name = stage.get("key"), stage.get("stage")
+        directory = _stage_dir(home, stage.get("dir"))
+        srow = {"run_id": run_id, "idx": idx, "stage": name, "key": key, "status": stage.get("status"),
+                "started_at": _float(stage.get("started_at")), "finished_at": _float(stage.get("finished_at")),
+                "wall_seconds": _float(stage.get("wall_seconds")), "exit_code": _int(stage.get("exit_code")),
+                "error": stage.get("error"), "dir": directory}
+        for col, value in srow.items():
+            out["stages"][col].append(value)
+        if key is None or key in seen_keys:
+            continue
+        seen_keys.add(key)
+        keys.append(key)
+        if directory:
+            read_events(os.path.join(directory, "events.jsonl"), key, out)
+            read_result(os.path.join(directory, "result.json"), key, name, out)
+    return run_id, keys
+
+
+# -----------------------------------------------------------------------------
+# Writing
+
+
+def _new_batch():
+    return {table: _columns(schema) for table, schema in TABLES.items()}
+
+
+def write_batch(con, out, run_ids, keys):
+    """Replace the rows of `run_ids` and of stage `keys` by the rows in `out`, in one transaction."""
+    ids = pa.table({"run_id": pa.array(list(run_ids), pa.string())})
+    key_table = pa.table({"key": pa.array(list(keys), pa.string())})
+    con.begin()
+    try:
+        con.register("_ids", ids)
+        con.register("_keys", key_table)
+        con.execute("DELETE FROM runs WHERE run_id IN (SELECT run_id FROM _ids)")
+        con.execute("DELETE FROM stages WHERE run_id IN (SELECT run_id FROM _ids)")
+        for table in ("metrics", "evals", "samples", "stage_results"):
+            con.execute(f"DELETE FROM {table} WHERE key IN (SELECT key FROM _keys)")
+        for table, schema in TABLES.items():
+            if not out[table][schema.names[0]]:
+                continue
+            arrow = pa.table(out[table], schema=schema)
+            con.register("_rows", arrow)
+            con.execute(f"INSERT INTO {table} BY NAME SELECT * FROM _rows")
+            con.unregister("_rows")
+        con.unregister("_ids")
+        con.unregister("_keys")
+        con.commit()
+    except Exception:
+        con.rollback()
+        raise
+
+
+def _run_dirs(home):
+    runs = os.path.join(home, "runs")
+    if not os.path.isdir(runs):
+        return []
+    return sorted(os.path.join(runs, d) for d in os.listdir(runs)
+                  if os.path.isfile(os.path.join(runs, d, "run.json")))
+
+
+def _ingest(con, home, run_dirs, strict=True):
+    """strict=False (bulk ingest) skips a run whose run.json cannot be read, with a warning on stderr."""
+    out, seen, run_ids, keys = _new_batch(), set(), [], []
+    for run_dir in run_dirs:
+        try:
+            run_id, run_keys = read_run(run_dir, home, out, seen)
+        except RegistryError as e:
+            if strict:
+                raise
+            print(f"warning: skipped {e}", file=sys.stderr)
+            continue
+        run_ids.append(run_id)
+        keys.extend(run_keys)
+    if run_ids:
+        write_batch(con, out, run_ids, keys)
+    return run_ids
+
+
+def ingest_run(run_dir, home=None, timeout=10.0):
+    """Ingest (or re-ingest) one run directory; `home` defaults to the tree that holds it (<home>/runs/<id>)."""
+    home = home or os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
+    con = connect(registry_path(home), timeout=timeout)
+    try:
+        return _ingest(con, home, [run_dir])[0]
+    finally:
+        con.close()
+
+
+def ingest_all(home=None, timeout=10.0):
+    """Ingest every run directory under <home>/runs; returns the run ids."""
+    home = home or get_home()
+    con = connect(registry_path(home), timeout=timeout)
+    try:
+        return _ingest(con, home, _run_dirs(home), strict=False)
+    finally:
+        con.close()
+
+
+def sync(home=None, timeout=10.0):
+    """Ingest runs that are new, whose run.json changed since their last ingest, or that are still
+    pending/running (their events grow without run.json changing); drop runs whose directory is gone.
+    Returns the ingested run ids."""
+    home = home or get_home()
+    con = connect(registry_path(home), timeout=timeout)
+    try:
+        known = {run_dir: (mtime, status) for run_dir, mtime, status in
+                 con.execute("SELECT run_dir, run_json_mtime, status FROM runs").fetchall()}
+        todo = []
+        for run_dir in _run_dirs(home):
+            recorded = known.get(os.path.abspath(run_dir))
+            mtime = os.stat(os.path.join(run_dir, "run.json")).st_mtime
+            if recorded is None or recorded[0] is None or mtime > recorded[0] or recorded[1] in ("pending", "running"):
+                todo.append(run_dir)
+        gone = [d for d in known if not os.path.isfile(os.path.join(d, "run.json"))]
+        if gone:
+            con.execute("DELETE FROM stages WHERE run_id IN (SELECT run_id FROM runs WHERE list_contains(?, run_dir))",
+                        [gone])
+            con.execute("DELETE FROM runs WHERE list_contains(?, run_dir)", [gone])
+            for table in ("metrics", "evals", "samples", "stage_results"):
+                con.execute(f"DELETE FROM {table} WHERE key NOT IN (SELECT key FROM stages WHERE key IS NOT NULL)")
+        return _ingest(con, home, todo, strict=False)
+    finally:
+        con.close()
+
+
+def rebuild(home=None, timeout=10.0):
+    """Recreate registry.duckdb from the run directories. The new database is built in a temp file and
+    renamed over the old one, so a crash mid-rebuild leaves the old database intact. Returns the run ids."""
+    home = home or get_home()
+    path = registry_path(home)
+    tmp = f"{path}.rebuild-{os.getpid()}"
+    for leftover in (tmp, tmp + ".wal"):
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    con = connect(tmp, timeout=timeout)
+    try:
+        run_ids = _ingest(con, home, _run_dirs(home), strict=False)
+        con.execute("CHECKPOINT")
+    except BaseException:
+        con.close()
+        for leftover in (tmp, tmp + ".wal"):
+            if os.path.exists(leftover):
+                os.remove(leftover)
+        raise
+    con.close()
+    if os.path.exists(path):
+        # take the write lock on the old file (no one else is using it) and fold its WAL in, so no stale
+        # registry.duckdb.wal is left to be replayed against the new file
+        try:
+            old = connect(path, timeout=timeout)
+            old.execute("CHECKPOINT")
+            old.close()
+        except RegistryLocked:
+            os.remove(tmp)
+            raise
+        except RegistryError:
+            pass  # a corrupt or newer-version file: replacing it is the point of a rebuild
+        if os.path.exists(path + ".wal"):
+            os.remove(path + ".wal")
+    os.replace(tmp, path)
+    return run_ids

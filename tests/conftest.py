@@ -1,0 +1,118 @@
+"""Shared pytest fixtures and helpers. Coordinate: only ADD fixtures here, never remove others'."""
+
+import hashlib
+import json
+import os
+import time
+
+import pytest
+
+# -----------------------------------------------------------------------------
+# Run-directory trees, as the runner and the stages write them (used by registry, CLI and TUI tests)
+
+CORE_TASK_NAMES = [f"task{i:02d}" for i in range(22)]
+
+
+def _key(*parts):
+    return hashlib.sha256("/".join(str(p) for p in parts).encode()).hexdigest()
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+
+
+def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=None, core_metric=0.3, core_tasks=22,
+                  val_bpb=0.8, total_training_time=3600.0, total_flops=1e18, num_steps=20, created_at=None,
+                  hardware=None, depth=4, git_commit="abc1234", tags=("test",)):
+    """Write $home/runs/<run_id>/run.json plus the stage directories tok_train (shared by every run of this
+    helper, like a real content-addressed tokenizer), base_train and base_eval. Returns the run directory.
+
+    status="success": every stage has result.json; base_train logs num_steps metric points (train_loss every
+    step, val_bpb every 5) and 2 samples; base_eval logs accuracy+centered eval events for `core_tasks` CORE tasks.
+    status="running": base_train is mid-way (no result.json, a partial last line), base_eval pending.
+    core_metric=None: base_eval failed (no result.json)."""
+    run_id = run_id or f"{name}-{_key(name, seed, status)[:8]}"
+    created_at = created_at if created_at is not None else time.time() - 7200
+    hardware = hardware or {"nodes": 1, "gpus_per_node": 8, "gpu": "H100-SXM", "usd_per_gpu_hour": 3.0,
+                            "device_type": "cuda"}
+    stages = []
+
+    def stage(kind, key, st, files):
+        sdir = os.path.join(home, "stages", f"{kind}-{key[:8]}")
+        os.makedirs(sdir, exist_ok=True)
+        _write_json(os.path.join(sdir, "config.json"), {"stage": kind, "depth": depth})
+        for fname, content in files.items():
+            if isinstance(content, str):
+                with open(os.path.join(sdir, fname), "w") as f:
+                    f.write(content)
+            else:
+                _write_json(os.path.join(sdir, fname), content)
+        done = st in ("success", "cached")
+        stages.append({"stage": kind, "key": key, "dir": sdir, "status": st,
+                       "started_at": created_at + 10, "finished_at": created_at + 100 if done else None,
+                       "wall_seconds": 90.0 if done else None, "exit_code": 0 if done else None,
+                       "error": None if st != "failed" else "exit code 1"})
+
+    def events(lines, partial=False):
+        text = "".join(json.dumps(line) + "\n" for line in lines)
+        return text + ('{"time": 1, "kind": "metric", "st' if partial else "")
+
+    t = created_at
+    stage("tok_train", _key("tok_train"), "success",
+          {"events.jsonl": events([{"time": t, "kind": "status", "status": "done"}]),
+           "result.json": {"stage": "tok_train", "status": "success", "finished_at": t,
+                           "metrics": {"vocab_size": 32768, "compression": 4.5}, "outputs": {}}})
+
+    running = status in ("running", "pending")
+    steps = num_steps // 2 if running else num_steps
+    train = [{"time": t + s, "kind": "metric", "step": s,
+              "values": {"train_loss": 5.0 - s * 0.01, "tok_per_sec": 1000.0 + s}} for s in range(steps)]
+    train += [{"time": t + s, "kind": "metric", "step": s, "values": {"val_bpb": val_bpb + 0.5 - s * 0.5 / num_steps}}
+              for s in range(0, steps, 5)]
+    train += [{"time": t + steps, "kind": "sample", "step": steps, "prompt": p, "text": p + " something"}
+              for p in ("The capital of France is", "If yesterday was Friday, then")]
+    files = {"events.jsonl": events(train, partial=running)}
+    if not running:
+        files["result.json"] = {"stage": "base_train", "status": "success", "finished_at": t + steps, "outputs": {},
+                                "metrics": {"val_bpb": val_bpb, "min_val_bpb": val_bpb,
+                                            "total_training_time": total_training_time, "total_flops": total_flops,
+                                            "num_iterations": num_steps, "mfu": 40.0, "tok_per_sec": 1e6}}
+    base_key = _key(run_id, "base_train")
+    stage("base_train", base_key, "running" if running else "success", files)
+
+    if not running:
+        evs = []
+        for task in CORE_TASK_NAMES[:core_tasks]:
+            evs.append({"time": t, "kind": "eval", "step": steps, "suite": "core", "task": task,
+                        "metric": "accuracy", "value": 0.5, "n": 100})
+            evs.append({"time": t, "kind": "eval", "step": steps, "suite": "core", "task": task,
+                        "metric": "centered", "value": core_metric if core_metric is not None else 0.0, "n": 100})
+        files = {"events.jsonl": events(evs)}
+        if core_metric is not None:
+            files["result.json"] = {"stage": "base_eval", "status": "success", "finished_at": t, "outputs": {},
+                                    "metrics": {"core_metric": core_metric, "core_partial": core_tasks < 22,
+                                                "val_bpb": val_bpb}}
+        stage("base_eval", _key(run_id, "base_eval"), "success" if core_metric is not None else "failed", files)
+    else:
+        stage("base_eval", _key(run_id, "base_eval"), "pending", {})
+
+    run = {"run_id": run_id, "name": name, "spec_path": f"specs/{name}.yaml", "spec_yaml": f"name: {name}\n",
+           "spec_hash": _key("spec", name), "plan": {"run_id": run_id, "stages": [{"stage": "base_train",
+                                                                                   "params": {"depth": depth}}]},
+           "status": status, "created_at": created_at, "started_at": created_at + 1,
+           "finished_at": None if running else created_at + 300, "git_commit": git_commit, "host": "testhost",
+           "hardware": hardware, "tags": list(tags), "seed": seed, "stages": stages}
+    run_dir = os.path.join(home, "runs", run_id)
+    _write_json(os.path.join(run_dir, "run.json"), run)
+    return run_dir
+
+
+@pytest.fixture
+def nanorun_home(tmp_path, monkeypatch):
+    """A fresh $NANORUN_HOME in tmp_path (tests never touch ~/.cache)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("NANORUN_HOME", str(home))
+    return str(home)

@@ -1,0 +1,111 @@
+"""CLI tests for the registry commands (runs, show, leaderboard, query, registry rebuild|sync|path) via click's
+CliRunner on real run trees and a real DuckDB file. Run: .venv/bin/pytest tests/test_cli_registry.py -q"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_run_tree
+from runners.cli import main
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result
+
+
+@pytest.fixture
+def home(nanorun_home):
+    make_run_tree(nanorun_home, "speedrun", seed=0, total_training_time=7200, core_metric=0.26, run_id="speedrun-0000")
+    make_run_tree(nanorun_home, "speedrun", seed=1, total_training_time=7560, core_metric=0.27, run_id="speedrun-1111")
+    make_run_tree(nanorun_home, "cpu_demo", core_metric=0.08, run_id="cpu_demo-2222")
+    return nanorun_home
+
+
+def test_runs_syncs_new_run_dirs_first(home):
+    runs = json.loads(cli("runs", "--json").output)
+    assert sorted(r["run_id"] for r in runs) == ["cpu_demo-2222", "speedrun-0000", "speedrun-1111"]
+    make_run_tree(home, "live", status="running", run_id="live-3333")
+    text = cli("runs").output
+    assert "live-3333" in text and "running" in text
+    header = text.splitlines()[0].split()
+    assert header[:3] == ["run", "status", "stages"]
+    assert len(json.loads(cli("runs", "--json", "-n", "2").output)) == 2
+
+
+def test_show(home):
+    detail = json.loads(cli("show", "speedrun-1", "--json").output)
+    assert detail["run"]["run_id"] == "speedrun-1111"
+    assert detail["summary"]["qualified"] is True
+    assert len(detail["core"]) == 22
+    text = cli("show", "cpu_demo").output
+    assert "cpu_demo-2222" in text and "CORE 0.0800 < 0.2565" in text and "base_eval" in text
+    assert "The capital of France is something" in text
+
+
+def test_show_errors_are_one_line(home):
+    result = cli("show", "speedrun-", code=1)
+    assert result.output.strip() == "error: ambiguous run 'speedrun-' matches 2 runs: speedrun-1111, speedrun-0000"
+    assert "unknown run 'zzz'" in cli("show", "zzz", code=1).output
+
+
+def test_leaderboard(home):
+    rows = json.loads(cli("leaderboard", "--json").output)
+    assert [(r["rank"], r["name"], r["n"]) for r in rows] == [(1, "speedrun", 2), (None, "cpu_demo", 1)]
+    assert rows[0]["hours"] == pytest.approx(2.05) and rows[0]["hours_std"] == pytest.approx(0.1 / 2**0.5)
+    assert rows[0]["run_ids"] == ["speedrun-0000", "speedrun-1111"]
+    assert len(json.loads(cli("leaderboard", "--json", "--qualified").output)) == 1
+    lines = cli("leaderboard").output.splitlines()
+    assert lines[0].split()[:3] == ["#", "spec", "hardware"]
+    assert lines[2].startswith("1  speedrun  8xH100-SXM  2  2.05 +- 0.07")
+    assert lines[3].startswith("x  cpu_demo") and lines[3].endswith("CORE 0.0800 < 0.2565")
+
+
+def test_query_formats(home):
+    sql = "SELECT run_id, core_metric FROM run_summary ORDER BY run_id"
+    assert json.loads(cli("query", sql, "--json").output) == [
+        {"run_id": "cpu_demo-2222", "core_metric": 0.08}, {"run_id": "speedrun-0000", "core_metric": 0.26},
+        {"run_id": "speedrun-1111", "core_metric": 0.27}]
+    assert cli("query", sql, "--csv").output.splitlines() == [
+        "run_id,core_metric", "cpu_demo-2222,0.08", "speedrun-0000,0.26", "speedrun-1111,0.27"]
+    assert cli("query", sql).output.splitlines() == [
+        "run_id         core_metric", "-------------  -----------",
+        "cpu_demo-2222         0.08", "speedrun-0000         0.26", "speedrun-1111         0.27"]
+
+
+def test_bad_sql_exits_2_with_one_line(home):
+    result = cli("query", "SELEC 1", code=2)
+    assert result.output.startswith("error: Parser Error: syntax error") and result.output.count("\n") == 1
+    assert "read-only" in cli("query", "DROP TABLE runs", code=2).output
+
+
+def test_registry_rebuild_and_path(home):
+    path = cli("registry", "path").output.strip()
+    assert path == os.path.join(home, "registry.duckdb") and not os.path.exists(path)
+    assert cli("registry", "rebuild").output.strip() == f"rebuilt {path} from 3 runs"
+    assert cli("registry", "sync").output.strip() == "ingested 0 runs"
+    assert json.loads(cli("query", "SELECT count(*) AS n FROM runs", "--json").output) == [{"n": 3}]
+
+
+NO_TORCH = """
+import sys
+from click.testing import CliRunner
+from runners.cli import main
+for args in (["runs"], ["show", "cpu_demo"], ["leaderboard"], ["query", "select 1"], ["registry", "rebuild"]):
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, (args, result.output)
+heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "textual", "nanochat"))
+print("HEAVY", heavy)
+"""
+
+
+def test_registry_commands_do_not_import_torch(home):
+    out = subprocess.run([sys.executable, "-c", NO_TORCH], capture_output=True, text=True, env=dict(os.environ),
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout

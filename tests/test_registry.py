@@ -1,0 +1,321 @@
+"""Registry tests on real DuckDB files: migrations, ingest, sync, rebuild, locking, queries, leaderboard.
+Run: .venv/bin/pytest tests/test_registry.py -q"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import duckdb
+import pytest
+
+from conftest import make_run_tree
+from registry import db, get_run, ingest_all, ingest_run, leaderboard, list_runs, query, rebuild, sync
+from registry.db import SCHEMA_VERSION, RegistryLocked, connect, registry_path
+from registry.queries import QueryError
+from specs.errors import RegistryError
+
+TABLES = ["runs", "stages", "metrics", "evals", "samples", "stage_results"]
+TRAIN_POINTS = 20 + 20 + 4   # make_run_tree: train_loss and tok_per_sec every step, val_bpb every 5 of 20 steps
+
+
+def counts(home):
+    con = connect(registry_path(home), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+    finally:
+        con.close()
+
+
+def dump(home):
+    """Every row of every table, order-independent, without the ingest timestamp."""
+    con = connect(registry_path(home), read_only=True)
+    try:
+        out = {}
+        for t in TABLES:
+            cols = [c for c in (d[0] for d in con.execute(f"SELECT * FROM {t} LIMIT 0").description)
+                    if c != "ingested_at"]
+            out[t] = sorted(map(repr, con.execute(f"SELECT {', '.join(cols)} FROM {t}").fetchall()))
+        return out
+    finally:
+        con.close()
+
+
+# -----------------------------------------------------------------------------
+# Schema and migrations
+
+
+def test_migrations_from_empty(nanorun_home):
+    path = registry_path(nanorun_home)
+    con = connect(path)
+    assert db.schema_version(con) == SCHEMA_VERSION
+    names = {r[0] for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    assert set(TABLES) | {"schema_version", "run_summary", "leaderboard"} <= names
+    con.close()
+    connect(path).close()  # reopening applies nothing twice
+    con = connect(path, read_only=True)
+    assert con.execute("SELECT version FROM schema_version").fetchall() == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
+    con.close()
+
+
+def test_new_migration_applies_and_failure_rolls_back(nanorun_home, monkeypatch):
+    path = registry_path(nanorun_home)
+    connect(path).close()
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS + [["CREATE TABLE extra (x INTEGER)", "SELEC broken"]])
+    monkeypatch.setattr(db, "SCHEMA_VERSION", len(db.MIGRATIONS))
+    with pytest.raises(duckdb.ParserException):
+        connect(path)
+    raw = duckdb.connect(path)
+    assert db.schema_version(raw) == SCHEMA_VERSION  # the failed step left no half-applied migration
+    assert not raw.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'extra'").fetchone()[0]
+    raw.close()
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:-1] + [["CREATE TABLE extra (x INTEGER)"]])
+    con = connect(path)
+    assert db.schema_version(con) == SCHEMA_VERSION + 1
+    con.execute("SELECT * FROM extra").fetchall()
+    con.close()
+
+
+def test_newer_schema_is_a_clear_error(nanorun_home):
+    path = registry_path(nanorun_home)
+    connect(path).close()
+    raw = duckdb.connect(path)
+    raw.execute("INSERT INTO schema_version VALUES (?, 0, 'future')", [SCHEMA_VERSION + 1])
+    raw.close()
+    for read_only in (False, True):
+        with pytest.raises(RegistryError, match="newer nanorun"):
+            connect(path, read_only=read_only)
+
+
+# -----------------------------------------------------------------------------
+# Ingest
+
+
+def test_ingest_run_is_idempotent(nanorun_home):
+    run_dir = make_run_tree(nanorun_home, "d12")
+    assert ingest_run(run_dir) == os.path.basename(run_dir)
+    first = dump(nanorun_home)
+    ingest_run(run_dir)
+    assert dump(nanorun_home) == first
+    c = counts(nanorun_home)
+    assert c == {"runs": 1, "stages": 3, "metrics": TRAIN_POINTS, "evals": 44, "samples": 2,
+                 "stage_results": 2 + 7 + 3}
+
+
+def test_reingest_replaces_run_and_stage_rows(nanorun_home):
+    run_dir = make_run_tree(nanorun_home, "d12", status="running")
+    ingest_run(run_dir)
+    # the partial last line of a running stage is skipped; 10 of 20 steps are logged
+    assert counts(nanorun_home)["metrics"] == 10 + 10 + 2
+    assert list_runs()[0]["status"] == "running"
+    make_run_tree(nanorun_home, "d12", status="success", run_id=os.path.basename(run_dir))
+    run = json.load(open(os.path.join(run_dir, "run.json")))
+    ingest_run(run_dir)
+    c = counts(nanorun_home)
+    assert c["runs"] == 1 and c["metrics"] == TRAIN_POINTS and c["stages"] == len(run["stages"])
+    summary = list_runs()[0]
+    assert summary["status"] == "success" and summary["core_metric"] == pytest.approx(0.3)
+
+
+def test_shared_stage_rows_are_kept_once(nanorun_home):
+    a = make_run_tree(nanorun_home, "d12", seed=0)
+    b = make_run_tree(nanorun_home, "d12", seed=1)
+    assert sorted(sync()) == sorted([os.path.basename(a), os.path.basename(b)])
+    _, rows = query("SELECT count(*) FROM stage_results WHERE stage = 'tok_train'")
+    assert rows == [(2,)]  # one tokenizer directory, two result metrics, although two runs use it
+    _, rows = query("SELECT count(DISTINCT run_id) FROM stages WHERE stage = 'tok_train'")
+    assert rows == [(2,)]
+
+
+def test_sync_ingests_only_what_changed(nanorun_home):
+    done = make_run_tree(nanorun_home, "done")
+    live = make_run_tree(nanorun_home, "live", status="running")
+    assert len(sync()) == 2
+    assert sync() == [os.path.basename(live)]  # a running run is always re-read (its events grow)
+    future = time.time() + 10
+    os.utime(os.path.join(done, "run.json"), (future, future))
+    assert sorted(sync()) == sorted([os.path.basename(done), os.path.basename(live)])
+    shutil.rmtree(done)
+    sync()
+    assert [r["run_id"] for r in list_runs()] == [os.path.basename(live)]
+    _, rows = query("SELECT count(*) FROM stage_results WHERE stage <> 'tok_train'")
+    assert rows == [(0,)]  # the deleted run's own stage rows went with it; the shared tokenizer stays
+
+
+def test_ingest_skips_unreadable_run_json(nanorun_home, capsys):
+    make_run_tree(nanorun_home, "good")
+    bad = os.path.join(nanorun_home, "runs", "bad-00000000")
+    os.makedirs(bad)
+    with open(os.path.join(bad, "run.json"), "w") as f:
+        f.write("{not json")
+    assert len(ingest_all()) == 1
+    assert "bad-00000000" in capsys.readouterr().err
+    with pytest.raises(RegistryError, match="not valid JSON"):
+        ingest_run(bad)
+
+
+def test_many_metric_rows(nanorun_home):
+    run_dir = make_run_tree(nanorun_home, "big", num_steps=50_000)
+    ingest_run(run_dir)
+    _, rows = query("SELECT count(*), count(DISTINCT step), max(step) FROM metrics WHERE name = 'train_loss'")
+    assert rows == [(50_000, 50_000, 49_999)]
+    assert counts(nanorun_home)["metrics"] == 2 * 50_000 + 10_000
+
+
+# -----------------------------------------------------------------------------
+# Rebuild
+
+
+def test_rebuild_equals_incremental_ingest(nanorun_home):
+    dirs = [make_run_tree(nanorun_home, "d12", seed=s) for s in range(3)]
+    dirs.append(make_run_tree(nanorun_home, "live", status="running"))
+    for run_dir in reversed(dirs):
+        ingest_run(run_dir)
+    incremental = dump(nanorun_home)
+    assert sorted(rebuild()) == sorted(os.path.basename(d) for d in dirs)
+    assert dump(nanorun_home) == incremental
+    assert sorted(os.listdir(nanorun_home)) == ["registry.duckdb", "runs", "stages"]  # no temp files left
+
+
+def test_rebuild_crash_keeps_old_database(nanorun_home):
+    make_run_tree(nanorun_home, "d12")
+    rebuild()
+    before = dump(nanorun_home)
+    broken = make_run_tree(nanorun_home, "broken")
+    run = json.load(open(os.path.join(broken, "run.json")))
+    stage_dir = run["stages"][1]["dir"]
+    os.remove(os.path.join(stage_dir, "events.jsonl"))
+    os.makedirs(os.path.join(stage_dir, "events.jsonl"))  # reading it fails mid-rebuild
+    with pytest.raises(IsADirectoryError):
+        rebuild()
+    assert dump(nanorun_home) == before
+    assert not [f for f in os.listdir(nanorun_home) if "rebuild" in f]
+
+
+# -----------------------------------------------------------------------------
+# Locking: one read-write process XOR many readers
+
+HOLDER = """
+import sys, time, duckdb
+con = duckdb.connect(sys.argv[1])
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+con.close()
+print("released", flush=True)
+time.sleep(30)
+"""
+
+
+def hold_lock(path, seconds):
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, path, str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_reader_retries_then_names_the_lock_holder(nanorun_home):
+    path = registry_path(nanorun_home)
+    connect(path).close()
+    proc = hold_lock(path, 60)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(RegistryLocked, match=f"locked by process {proc.pid}"):
+            connect(path, read_only=True, timeout=1.0)
+        assert 0.5 < time.monotonic() - t0 < 5
+        with pytest.raises(RegistryLocked):
+            sync(timeout=0)  # the CLI's "sync if you can" path gives up at once
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_reader_waits_for_a_short_writer(nanorun_home):
+    make_run_tree(nanorun_home, "d12")
+    sync()
+    proc = hold_lock(registry_path(nanorun_home), 1.0)
+    try:
+        t0 = time.monotonic()
+        assert len(list_runs()) == 1  # retried until the writer closed
+        assert time.monotonic() - t0 > 0.5
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# -----------------------------------------------------------------------------
+# Queries
+
+
+def test_get_run_detail_and_id_matching(nanorun_home):
+    old = make_run_tree(nanorun_home, "d12", seed=0, created_at=1000.0, run_id="d12-aaaa1111")
+    make_run_tree(nanorun_home, "d12", seed=1, created_at=2000.0, run_id="d12-aaab2222")
+    make_run_tree(nanorun_home, "other", core_tasks=14)
+    sync()
+    detail = get_run("d12-aaaa")
+    assert detail["run"]["run_id"] == os.path.basename(old)
+    assert detail["run"]["plan"]["stages"][0]["params"]["depth"] == 4 and detail["run"]["depth"] == 4
+    assert [s["stage"] for s in detail["stages"]] == ["tok_train", "base_train", "base_eval"]
+    train = detail["stages"][1]
+    assert train["result"]["total_training_time"] == 3600.0
+    assert train["last_metrics"]["train_loss"] == {"step": 19, "value": pytest.approx(5.0 - 19 * 0.01)}
+    assert detail["stages"][2]["result"]["core_partial"] is False
+    assert len(detail["core"]) == 22 and detail["core"][0] == {"task": "task00", "accuracy": 0.5, "centered": 0.3,
+                                                               "n": 100}
+    assert [s["prompt"] for s in detail["samples"]] == ["The capital of France is", "If yesterday was Friday, then"]
+    assert get_run("d12")["run"]["run_id"] == "d12-aaab2222"  # a spec name means its newest run
+    assert len(get_run("other")["core"]) == 14
+    with pytest.raises(RegistryError, match="ambiguous run 'd12-aaa' matches 2 runs"):
+        get_run("d12-aaa")
+    with pytest.raises(RegistryError, match="unknown run 'nope'"):
+        get_run("nope")
+
+
+def test_query_is_read_only_and_reports_bad_sql(nanorun_home):
+    make_run_tree(nanorun_home, "d12")
+    sync()
+    columns, rows = query("SELECT name, round(val_bpb, 3) AS bpb FROM run_summary")
+    assert columns == ["name", "bpb"] and rows == [("d12", 0.8)]
+    with pytest.raises(QueryError, match="syntax error") as e:
+        query("SELEC 1")
+    assert e.value.exit_code == 2
+    with pytest.raises(QueryError, match="read-only"):
+        query("DELETE FROM runs")
+    assert counts(nanorun_home)["runs"] == 1
+
+
+def test_leaderboard_ranks_groups_and_explains(nanorun_home):
+    h100 = {"nodes": 1, "gpus_per_node": 8, "gpu": "H100-SXM", "usd_per_gpu_hour": 3.0}
+    a100 = {"nodes": 2, "gpus_per_node": 8, "gpu": "A100", "usd_per_gpu_hour": 2.0}
+    for seed, (hours, core) in enumerate([(2.0, 0.26), (2.2, 0.27), (2.4, 0.28)]):
+        make_run_tree(nanorun_home, "slow", seed=seed, total_training_time=hours * 3600, core_metric=core,
+                      hardware=h100)
+    for seed, hours in enumerate([1.5, 1.7]):
+        make_run_tree(nanorun_home, "fast", seed=seed, total_training_time=hours * 3600, core_metric=0.3,
+                      hardware=h100)
+    make_run_tree(nanorun_home, "fast", seed=9, total_training_time=1.0 * 3600, core_metric=0.3, hardware=a100)
+    make_run_tree(nanorun_home, "weak", core_metric=0.08)
+    make_run_tree(nanorun_home, "partial", core_tasks=14, core_metric=0.4)
+    make_run_tree(nanorun_home, "live", status="running")
+    make_run_tree(nanorun_home, "failed", core_metric=None)
+    sync()
+    rows = leaderboard()
+    ranked = [(r["rank"], r["name"], r["hardware"], r["n"]) for r in rows if r["qualified"]]
+    assert ranked == [(1, "fast", "16xA100", 1), (2, "fast", "8xH100-SXM", 2), (3, "slow", "8xH100-SXM", 3)]
+    slow = rows[2]
+    assert slow["hours"] == pytest.approx(2.2) and slow["hours_std"] == pytest.approx(0.2)
+    assert slow["core_metric"] == pytest.approx(0.27) and slow["core_std"] == pytest.approx(0.01)
+    assert slow["cost_usd"] == pytest.approx(2.2 * 8 * 3.0)
+    assert rows[0]["cost_usd"] == pytest.approx(1.0 * 16 * 2.0) and rows[0]["hours_std"] is None
+    reasons = {r["name"]: r["reason"] for r in rows if not r["qualified"]}
+    assert reasons == {"weak": "CORE 0.0800 < 0.2565", "partial": "partial CORE (14/22)",
+                       "live": "no CORE yet (running)", "failed": "no CORE yet (success)"}
+    assert all(r["rank"] is None for r in rows[3:])
+    assert [r["name"] for r in leaderboard(qualified_only=True)] == ["fast", "fast", "slow"]
+
+
+def test_core_exactly_at_threshold_qualifies(nanorun_home):
+    make_run_tree(nanorun_home, "edge", core_metric=0.256525)
+    make_run_tree(nanorun_home, "below", core_metric=0.2565)
+    sync()
+    assert [r["name"] for r in leaderboard(qualified_only=True)] == ["edge"]
