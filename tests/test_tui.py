@@ -234,3 +234,84 @@ async def test_chat_without_checkpoint_notifies_instead_of_crashing(home):
         await pilot.press("enter")
         await pilot.pause()
         assert any("no checkpoint" in n.message for n in app._notifications)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A real tokenizer trained on a few KB of text and a depth-1 GPT checkpoint (random weights)."""
+    import dataclasses
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import train_tokenizer
+
+    text = ["The quick brown fox jumps over the lazy dog. " * 20, "Hello world, this is a tiny corpus. " * 20,
+            "Numbers 12 34 56 and words again and again. " * 20]
+    tokenizer = train_tokenizer(iter(text), vocab_size=300)
+    tokenizer_dir, checkpoint_dir = str(tmp_path / "tok"), str(tmp_path / "ckpt")
+    tokenizer.save(tokenizer_dir)
+    config = GPTConfig(sequence_len=128, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
+                       n_embd=64, window_pattern="L")
+    model = build_model(config)
+    save_checkpoint(checkpoint_dir, 0, model.state_dict(), None, {"step": 0, "model_config": dataclasses.asdict(config)})
+    return tokenizer_dir, checkpoint_dir
+
+
+async def test_chat_streams_tokens_from_real_checkpoint(home, tiny_model):
+    tokenizer_dir, checkpoint_dir = tiny_model
+    make_run(home, "d1-eeee5555", name="d1", depth=1, created_at=1_800_000_000.0,
+             outputs={"tok_train": {"tokenizer_dir": tokenizer_dir}, "base_train": {"checkpoint_dir": checkpoint_dir}})
+    # the same weights also registered as an sft checkpoint: the chat renders a conversation for it
+    run_json = os.path.join(home, "runs", "d1-eeee5555", "run.json")
+    with open(run_json) as f:
+        run = json.load(f)
+    sft_dir = os.path.join(home, "stages", "sft-eeee5555")
+    write_json(os.path.join(sft_dir, "result.json"), {"stage": "sft", "status": "success", "metrics": {},
+                                                      "outputs": {"checkpoint_dir": checkpoint_dir}})
+    run["stages"].append({"stage": "sft", "key": "sfteeee5555", "dir": sft_dir, "status": "success"})
+    write_json(run_json, run)
+
+    app = NanorunApp(home=home, refresh_seconds=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("c")  # newest run is highlighted
+        screen = app.screen
+        assert isinstance(screen, ChatScreen) and [c["stage"] for c in screen.checkpoints] == ["sft", "base_train"]
+        screen.sampling["max_tokens"] = 12
+
+        # sft checkpoint first (selected by default): a conversation, kept as history
+        screen.query_one(Input).value = "hello"
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert not [n for n in app._notifications if n.severity == "error"]
+        assert [m["role"] for m in screen.history] == ["user", "assistant"]
+        assert "tokens" in screen.sub_title and screen.sub_title != "d1-eeee5555  0 tokens"
+
+        # base checkpoint: the reply continues the prompt text
+        screen.query_one("#checkpoint").value = 1
+        await pilot.pause()
+        screen.query_one(Input).value = "The quick"
+        await pilot.press("enter")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        text = str(screen.query_one("#chat-text", Static).render())
+        assert "> The quick\nThe quick" in text
+        reply = text.split("> The quick\n", 1)[1].strip()
+        assert len(reply) > len("The quick") and not screen.busy
+        assert len(screen.history) == 0  # switching checkpoints started a new conversation
+
+
+async def test_shared_run_tree_fixture_renders(nanorun_home):
+    """Run trees from conftest.make_run_tree (the registry's test data, other metric names) render too."""
+    from conftest import make_run_tree
+
+    done = os.path.basename(make_run_tree(nanorun_home, name="demo", seed=0, core_metric=0.3, val_bpb=0.8))
+    running = os.path.basename(make_run_tree(nanorun_home, name="demo", seed=1, status="running"))
+    rows = {r["run_id"]: r for r in data.load_runs(nanorun_home)}
+    assert (rows[done]["core"], rows[done]["val_bpb"], rows[done]["train_seconds"]) == (0.3, 0.8, 3600.0)
+    app = NanorunApp(home=nanorun_home, refresh_seconds=None, monitor_seconds=None)
+    async with app.run_test(size=(120, 40)) as pilot:
+        app.open_run(running)
+        await pilot.pause()
+        monitor = app.screen.query_one(LiveMonitor)
+        assert monitor.last_step == 9 and len(monitor.series["loss"]) == 10 and len(monitor.series["val bpb"]) == 2

@@ -79,8 +79,9 @@ class ChatScreen(Screen):
         self.query_one("#chat-text", Static).update(self.transcript + self.reply)
         self.query_one("#chat-log", VerticalScroll).scroll_end(animate=False)
 
-    def stream(self, text):
+    def stream(self, text, num_tokens):
         self.reply = text
+        self.sub_title = f"{self.run_id}  {num_tokens} tokens"
         self.render_text()
 
     def finish(self, prompt, error=None):
@@ -119,7 +120,7 @@ class ChatScreen(Screen):
                 break
             generated.append(column[0])
             # decode the whole reply each step: a multi-byte character may span tokens
-            self.app.call_from_thread(self.stream, prefix + tokenizer.decode(generated))
+            self.app.call_from_thread(self.stream, prefix + tokenizer.decode(generated), len(generated))
 
     def _load(self, checkpoint):
         if self.loaded is not None and self.loaded[0] == checkpoint["checkpoint_dir"]:

@@ -203,7 +203,7 @@ def core_tasks(events):
 
 def eta_seconds(metric_events, total_steps):
     """Remaining seconds from the recent step rate; None until two metric lines with distinct steps exist."""
-    points = [(e["step"], e["time"]) for e in metric_events if "step" in e and "time" in e]
+    points = sorted({(e["step"], e["time"]) for e in metric_events if "step" in e and "time" in e})
     if not total_steps or len(points) < 2:
         return None
     (s0, t0), (s1, t1) = points[max(0, len(points) - 20)], points[-1]

@@ -60,7 +60,8 @@ class LiveMonitor(Vertical):
 
     @property
     def last_step(self):
-        return self.metric_events[-1].get("step") if self.metric_events else None
+        steps = [e["step"] for e in self.metric_events if isinstance(e.get("step"), (int, float))]
+        return max(steps) if steps else None  # eval lines may be logged after later train steps
 
     def poll(self):
         """Read lines appended since the last poll and redraw what changed."""

@@ -1,6 +1,6 @@
 """
-The run detail screen: spec YAML, the plan's key numbers, the stage table, final metrics, CORE per task and a
-live monitor of the running stage (or of pretraining once the run is done).
+The run detail screen: spec YAML, the plan's key numbers, the stage table, a live monitor of the running stage
+(or of pretraining once the run is done), final metrics and CORE per task.
 
 Pushed by the app on RunSelected; escape goes back to the runs table, `r` reloads, `c` opens the chat.
 """
@@ -65,13 +65,6 @@ class RunDetailScreen(Screen):
                     yield DataTable(id="plan-table", show_cursor=False)
             yield Static("stages", classes="section")
             yield DataTable(id="stages-table", cursor_type="row")
-            with Horizontal(id="detail-results"):
-                with Vertical():
-                    yield Static("final metrics", classes="section")
-                    yield DataTable(id="metrics-table", show_cursor=False)
-                with Vertical():
-                    yield Static("CORE per task", classes="section")
-                    yield DataTable(id="core-table", show_cursor=False)
             yield Static("live monitor", classes="section")
             stage = monitored_stage(self.run)
             if stage is None:
@@ -79,6 +72,13 @@ class RunDetailScreen(Screen):
             else:
                 yield LiveMonitor(stage["path"], stage.get("stage", ""), interval=self.monitor_seconds,
                                   id="monitor")
+            with Horizontal(id="detail-results"):
+                with Vertical():
+                    yield Static("final metrics", classes="section")
+                    yield DataTable(id="metrics-table", show_cursor=False)
+                with Vertical():
+                    yield Static("CORE per task", classes="section")
+                    yield DataTable(id="core-table", show_cursor=False)
         yield Footer()
 
     def on_mount(self):
