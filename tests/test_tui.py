@@ -197,6 +197,12 @@ async def test_live_monitor_picks_up_appended_metric(home):
         assert monitor.series["loss"][-1] == pytest.approx(3.2)
         assert "is" in str(app.screen.query_one("#monitor-samples", Static).render())
         stage_dir = os.path.join(home, "stages", "base_train-basetrain3333")
+        # the runner marks the stage done; the detail re-reads run.json when new metrics arrive
+        run_json = os.path.join(home, "runs", "d8-cccc3333", "run.json")
+        with open(run_json) as f:
+            run = json.load(f)
+        run["stages"][1]["status"] = "success"
+        write_json(run_json, run)
         # a whole line plus half of the next one, as a writer mid-flush leaves it
         append_events(os.path.join(stage_dir, "events.jsonl"), [metric(20, 2.5, t=time.time())],
                       partial='{"time": 1, "kind": "metric", "step": 22, "val')
@@ -208,6 +214,9 @@ async def test_live_monitor_picks_up_appended_metric(home):
         header = str(app.screen.query_one("#monitor-header", Static).render())
         assert "step 20/100" in header and "ETA" in header
         assert "2.5000" in str(app.screen.query_one("#label-loss", Static).render())
+        await pilot.pause()
+        stages = cell_texts(app.screen.query_one("#stages-table", DataTable))
+        assert stages[1][:2] == ["base_train", "success"]
 
 
 async def test_leaderboard_screen_shows_rows(home):
@@ -315,3 +324,5 @@ async def test_shared_run_tree_fixture_renders(nanorun_home):
         await pilot.pause()
         monitor = app.screen.query_one(LiveMonitor)
         assert monitor.last_step == 9 and len(monitor.series["loss"]) == 10 and len(monitor.series["val bpb"]) == 2
+        samples = str(app.screen.query_one("#monitor-samples", Static).render())
+        assert "step 10: The capital of France is something" in samples and "is The capital" not in samples

@@ -15,12 +15,18 @@ from tui import data
 
 # (metric name in events.jsonl, label, digits); both the reference names and nanochat's log names are accepted
 SERIES = [
-    (("train/loss", "train_loss", "loss"), "loss", 4),
+    (("train/loss_smooth", "train/loss", "train_loss", "loss"), "loss", 4),
     (("val/bpb", "val_bpb"), "val bpb", 4),
     (("train/tok_per_sec", "train_tok_per_sec", "tok_per_sec"), "tok/s", 0),
     (("train/mfu", "train_mfu", "mfu"), "MFU %", 2),
 ]
 MAX_POINTS = 400  # sparkline history kept per series
+
+
+def sample_text(event):
+    """The sampled text with its prompt; stages log text either with the prompt already in front or without."""
+    prompt, text = str(event.get("prompt", "")), str(event.get("text", ""))
+    return text if text.startswith(prompt) else prompt + text
 
 
 class MetricsUpdated(Message):
@@ -98,5 +104,5 @@ class LiveMonitor(Vertical):
         header = (f"{self.stage_name or 'stage'} [{self.status or 'no status yet'}]  "
                   f"step {'-' if step is None else step}{total}  ETA {data.fmt_duration(eta)}")
         self.query_one("#monitor-header", Static).update(header)
-        lines = [f"step {s.get('step', '?')}: {s.get('prompt', '')}{s.get('text', '')}" for s in self.samples]
+        lines = [f"step {s.get('step', '?')}: {sample_text(s)}" for s in self.samples]
         self.query_one("#monitor-samples", Static).update("\n".join(lines) or "no samples yet")

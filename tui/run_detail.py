@@ -13,7 +13,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
 from tui import data
-from tui.live_monitor import LiveMonitor
+from tui.live_monitor import LiveMonitor, MetricsUpdated
 
 
 def monitored_stage(run):
@@ -95,6 +95,11 @@ class RunDetailScreen(Screen):
         self.fill()
         for monitor in self.query(LiveMonitor):
             monitor.poll()
+
+    def on_metrics_updated(self, event: MetricsUpdated):
+        # the stage is making progress: re-read run.json too, so stage statuses and results follow it
+        self.run = data.load_run(self.home, self.run_id)
+        self.fill()
 
     def fill(self):
         run = self.run
