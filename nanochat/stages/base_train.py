@@ -1,0 +1,397 @@
+"""
+Pretraining stage (reference/nanochat.md section 5): depth -> every hyperparameter via nanochat.scaling,
+MuonAdamW, warmup/warmdown schedules, periodic val bpb / CORE / samples, atomic checkpoints and exact resume.
+
+    python -m nanochat.stages.base_train --depth 4 --max-seq-len 256 --device-batch-size 2 \
+        --total-batch-size 1024 --num-iterations 20 --eval-tokens 2048 --data-dir DATA --tokenizer-dir TOK
+    torchrun --standalone --nproc_per_node=2 -m nanochat.stages.base_train --config config.json
+
+Flags use the reference names and defaults; --config FILE (JSON keyed by argparse dest names) sets defaults
+that explicit flags override. Outputs in --out-dir: events.jsonl, checkpoints/, result.json (written last).
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import time
+
+SAMPLE_PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+# keys the runner writes into config.json that are informative only
+INFORMATIVE_CONFIG_KEYS = {"vocab_size"}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="nanorun pretraining stage", allow_abbrev=False)
+    a = p.add_argument
+    a("--config", default=None, help="JSON file of defaults keyed by argparse dest names")
+    a("--run", default="dummy", help="wandb run name ('dummy' = off; recorded only)")
+    a("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    a("--dtype", default=None, help="bfloat16|float16|float32 (sets NANOCHAT_DTYPE; None = default policy)")
+    a("--fp8", action=argparse.BooleanOptionalAction, default=False, help="FP8 training of large Linears (torchao)")
+    a("--fp8-recipe", default="tensorwise", choices=["tensorwise", "rowwise"])
+    a("--depth", type=int, default=20)
+    a("--aspect-ratio", type=int, default=64)
+    a("--head-dim", type=int, default=128)
+    a("--max-seq-len", type=int, default=2048)
+    a("--window-pattern", default="SSSL")
+    a("--num-iterations", type=int, default=-1)
+    a("--target-flops", type=float, default=-1.0)
+    a("--target-param-data-ratio", type=float, default=12.0)
+    a("--device-batch-size", type=int, default=32)
+    a("--total-batch-size", type=int, default=-1)
+    a("--embedding-lr", type=float, default=0.3)
+    a("--unembedding-lr", type=float, default=0.008)
+    a("--weight-decay", type=float, default=0.28)
+    a("--matrix-lr", type=float, default=0.02)
+    a("--scalar-lr", type=float, default=0.5)
+    a("--adam-beta1", type=float, default=0.8)
+    a("--adam-beta2", type=float, default=0.95)
+    a("--warmup-steps", type=int, default=40)
+    a("--warmup-ratio", type=float, default=-1.0, help=">= 0 overrides --warmup-steps as a fraction of iterations")
+    a("--warmdown-ratio", type=float, default=0.65)
+    a("--final-lr-frac", type=float, default=0.05)
+    a("--resume-from-step", type=int, default=-1, help="-1 = fresh, -2 = last complete checkpoint if any")
+    a("--eval-every", type=int, default=250)
+    a("--eval-tokens", type=int, default=80 * 524288)
+    a("--core-metric-every", type=int, default=2000)
+    a("--core-metric-max-per-task", type=int, default=500)
+    a("--core-bundle-dir", default=None, help="CORE bundle (default $NANORUN_HOME/eval_bundle; skipped if absent)")
+    a("--sample-every", type=int, default=2000)
+    a("--save-every", type=int, default=-1)
+    a("--model-tag", default=None)
+    a("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default 1 on cuda, 0 elsewhere)")
+    a("--out-dir", default=None, help="stage directory (default $NANORUN_HOME/stages/base_train-manual)")
+    a("--data-dir", default=None)
+    a("--tokenizer-dir", default=None)
+    a("--seed", type=int, default=42)
+    return p
+
+
+def parse_args(argv=None):
+    """Two passes: read --config, install its values as defaults, then parse again so flags win.
+    Bad input exits with status 2 and a one-line message (argparse's error())."""
+    parser = build_parser()
+    args, _ = parser.parse_known_args(argv)
+    if args.config:
+        try:
+            with open(args.config) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {args.config}: {e}")
+        if not isinstance(config, dict):
+            parser.error(f"--config {args.config}: expected a JSON object of flag values")
+        dests = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - dests - INFORMATIVE_CONFIG_KEYS)
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {unknown} (use argparse dest names, e.g. 'depth')")
+        parser.set_defaults(**{k: v for k, v in config.items() if k in dests and k != "config"})
+    args = parser.parse_args(argv)
+    for name in ("data_dir", "tokenizer_dir"):
+        if not getattr(args, name):
+            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    if args.dtype not in (None, "bfloat16", "float16", "float32"):
+        parser.error(f"--dtype {args.dtype}: expected bfloat16, float16 or float32")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Schedules (reference 5.3); it = step index, N = num_iterations
+
+
+def lr_multiplier(it, N, warmup_steps, warmdown_ratio, final_lr_frac):
+    warmdown = round(warmdown_ratio * N)
+    if it < warmup_steps:
+        return (it + 1) / warmup_steps
+    if it <= N - warmdown:
+        return 1.0
+    progress = (N - it) / warmdown
+    return progress + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(it, N, warmdown_ratio):
+    warmdown = round(warmdown_ratio * N)
+    if it < 400:
+        return 0.85 + (0.97 - 0.85) * it / 400
+    if warmdown > 0 and it > N - warmdown:
+        return 0.97 - (0.97 - 0.90) * (it - (N - warmdown)) / warmdown
+    return 0.97
+
+
+def muon_weight_decay(it, N, weight_decay):
+    return weight_decay * 0.5 * (1 + math.cos(math.pi * it / N))
+
+
+def measure_matmul_flops(device, dtype, n=1024, reps=5):
+    """Peak-ish matmul FLOP/s of this device (used as the MFU denominator where no table entry exists)."""
+    import torch
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        (a @ b).sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.dtype:
+        os.environ["NANOCHAT_DTYPE"] = args.dtype  # read when nanochat.common is first imported (below)
+    import torch
+
+    from nanochat import common
+    from nanochat.common import EventLog, compute_cleanup, compute_init
+    if args.dtype and common.COMPUTE_DTYPE != getattr(torch, args.dtype):
+        raise ValueError(f"--dtype {args.dtype}: nanochat.common was already imported with {common.COMPUTE_DTYPE}")
+
+    out_dir = args.out_dir or os.path.join(common.get_base_dir(), "stages", "base_train-manual")
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    torch.manual_seed(args.seed)
+    events = EventLog(os.path.join(out_dir, "events.jsonl"), rank)
+    events.log("status", status="running", stage="base_train", world_size=world_size, device=str(device))
+    try:
+        result = train(args, out_dir, events, ddp, rank, world_size, device)
+    except BaseException as e:
+        events.log("status", status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        events.close()
+        compute_cleanup()
+    return result
+
+
+def train(args, out_dir, events, ddp, rank, world_size, device):
+    import torch
+    import torch.distributed as dist
+
+    from nanochat import scaling
+    from nanochat.attention import BACKEND
+    from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, save_checkpoint
+    from nanochat.common import COMPUTE_DTYPE, get_base_dir, get_peak_flops, print0, synchronize, write_result
+    from nanochat.dataloader import DataLoader
+    from nanochat.engine import Engine
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import Tokenizer
+
+    # --- tokenizer, derived numbers, model -----------------------------------
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
+    vocab_size = tokenizer.get_vocab_size()
+    token_bytes = tokenizer.token_bytes().to(device)
+    r = scaling.resolve_training(
+        args.depth, vocab_size=vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
+        max_seq_len=args.max_seq_len, window_pattern=args.window_pattern, num_iterations=args.num_iterations,
+        target_flops=args.target_flops, target_param_data_ratio=args.target_param_data_ratio,
+        device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size, world_size=world_size,
+        embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
+        scalar_lr=args.scalar_lr, weight_decay=args.weight_decay)
+    N, B, T, dbs = r["num_iterations"], r["total_batch_size"], args.max_seq_len, args.device_batch_size
+    grad_accum = r["grad_accum_steps"]
+    warmup_steps = round(args.warmup_ratio * N) if args.warmup_ratio >= 0 else args.warmup_steps
+    print0("resolved training plan (nanochat.scaling.resolve_training):")
+    for k in sorted(r):
+        print0(f"  {k}: {r[k]}")
+    print0(f"  warmup_steps: {warmup_steps}\n  attention backend: {BACKEND}\n  compute dtype: {COMPUTE_DTYPE}")
+    if BACKEND == "sdpa" and "S" in args.window_pattern.upper() and device.type == "cuda":
+        print0("warning: sliding windows on SDPA use an explicit mask (slow); consider --window-pattern L")
+    events.log("log", message="resolved", resolved=r, attention_backend=BACKEND, warmup_steps=warmup_steps,
+               compute_dtype=str(COMPUTE_DTYPE), args=vars(args))
+
+    model_config = GPTConfig(sequence_len=T, vocab_size=vocab_size, n_layer=r["n_layer"], n_head=r["n_head"],
+                             n_kv_head=r["n_kv_head"], n_embd=r["n_embd"], window_pattern=args.window_pattern)
+    with torch.device("meta"):
+        orig_model = GPT(model_config)
+    orig_model.to_empty(device=device)
+    orig_model.init_weights()
+
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    resume_step = args.resume_from_step
+    if resume_step == -2:
+        resume_step = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else -1
+    loop_state, loader_state = {}, None
+    if resume_step >= 0:
+        print0(f"resuming from step {resume_step} of {ckpt_dir}")
+        model_state, optim_state, meta, loader_state = load_checkpoint(ckpt_dir, resume_step, device, rank)
+        model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+        orig_model.load_state_dict(model_state, strict=True)
+        loop_state = meta.get("loop_state", {})
+        del model_state
+
+    if args.fp8:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+        convert_to_float8_training(
+            orig_model, config=Float8LinearConfig.from_recipe_name(args.fp8_recipe),
+            module_filter_fn=lambda m, fqn: (min(m.in_features, m.out_features) >= 128
+                                             and m.in_features % 16 == 0 and m.out_features % 16 == 0))
+    flops_per_token = orig_model.estimate_flops()  # counts every nn.Linear, so it survives the fp8 swap
+    counts = orig_model.num_scaling_params()
+    use_compile = args.compile if args.compile is not None else int(device.type == "cuda")
+    model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
+
+    optimizer = orig_model.setup_optimizer(
+        unembedding_lr=r["unembedding_lr"], embedding_lr=r["embedding_lr"], matrix_lr=r["matrix_lr"],
+        weight_decay=r["weight_decay_scaled"], scalar_lr=r["scalar_lr"], adam_betas=(args.adam_beta1, args.adam_beta2))
+    if resume_step >= 0:
+        optimizer.load_state_dict(optim_state)
+        del optim_state
+
+    train_loader = DataLoader(args.data_dir, tokenizer, dbs, T, split="train", rank=rank, world_size=world_size,
+                              device=device, state=loader_state)
+    eval_steps = max(1, args.eval_tokens // (dbs * T * world_size))
+
+    if device.type == "cuda":
+        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
+    else:
+        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)  # no table for CPUs: measure
+    print0(f"MFU denominator: {peak_flops:.3e} FLOP/s per device")
+
+    bundle_dir = args.core_bundle_dir or os.path.join(get_base_dir(), "eval_bundle")
+    try:
+        from nanochat.core_eval import evaluate_core
+    except ImportError:
+        evaluate_core = None
+
+    # --- loop state -----------------------------------------------------------
+    step = resume_step if resume_step >= 0 else 0
+    min_val_bpb = loop_state.get("min_val_bpb", float("inf"))
+    smooth_train_loss = loop_state.get("smooth_train_loss", 0.0)
+    total_training_time = loop_state.get("total_training_time", 0.0)
+    val_bpb, core_metric, train_loss_f, tok_per_sec, mfu = loop_state.get("val_bpb"), None, None, 0.0, 0.0
+    tok_per_sec_sum, timed_steps = loop_state.get("tok_per_sec_sum", 0.0), loop_state.get("timed_steps", 0)
+    ema_beta = 0.9
+
+    while True:
+        last_step = step == N
+        # --- val bpb
+        if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            val_loader = DataLoader(args.data_dir, tokenizer, dbs, T, split="val", rank=rank,
+                                    world_size=world_size, device=device)
+            # targets from the loader are strided views of one (B, T+1) buffer; evaluators may .view() them
+            val_batches = ((x.contiguous(), y.contiguous()) for x, y in val_loader)
+            val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+            min_val_bpb = min(min_val_bpb, val_bpb)
+            print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
+            events.metric(step, **{"val/bpb": val_bpb})
+            model.train()
+        # --- CORE (optional: needs core_eval and a bundle)
+        if (args.core_metric_every > 0 and evaluate_core is not None and os.path.isdir(bundle_dir)
+                and (last_step or (step > 0 and step % args.core_metric_every == 0))):
+            orig_model.eval()
+            core = evaluate_core(orig_model, tokenizer, bundle_dir, device, max_per_task=args.core_metric_max_per_task)
+            orig_model.train()
+            core_metric = core["core_metric"]
+            print0(f"step {step:05d} | CORE metric: {core_metric:.4f}")
+            for task, res in core["tasks"].items():
+                events.log("eval", step=step, suite="core", task=task, metric="centered", value=res["centered"],
+                           n=res["n"])
+            events.metric(step, **{"core/metric": core_metric})
+        # --- samples (rank 0)
+        if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
+            orig_model.eval()
+            engine = Engine(orig_model, tokenizer)
+            for prompt in SAMPLE_PROMPTS:
+                ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                out, _ = engine.generate_batch(ids, num_samples=1, max_tokens=16, temperature=0)
+                text = tokenizer.decode(out[0][len(ids):])
+                print0(f"sample: {prompt!r} -> {text!r}")
+                events.log("sample", step=step, prompt=prompt, text=prompt + text)
+            orig_model.train()
+        # --- checkpoint (the state after `step` optimizer steps, before the next batch is drawn)
+        if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
+            meta = {
+                "step": step, "val_bpb": val_bpb, "model_config": vars(model_config), "user_config": vars(args),
+                "device_batch_size": dbs, "max_seq_len": T, "total_batch_size": B, "world_size": world_size,
+                "model_tag": args.model_tag or f"d{args.depth}",
+                "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
+                               "total_training_time": total_training_time, "val_bpb": val_bpb,
+                               "tok_per_sec_sum": tok_per_sec_sum, "timed_steps": timed_steps},
+            }
+            save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank,
+                            rank_state=train_loader.state_dict())
+            print0(f"saved checkpoint step {step} to {ckpt_dir}")
+        if last_step:
+            break
+
+        # --- one optimizer step
+        synchronize(device)
+        t0 = time.time()
+        loss_sum = 0.0
+        for _ in range(grad_accum):
+            x, y = train_loader.next_batch()
+            loss = model(x, y)
+            loss_sum += loss.detach()
+            (loss / grad_accum).backward()
+        lrm = lr_multiplier(step, N, warmup_steps, args.warmdown_ratio, args.final_lr_frac)
+        momentum = muon_momentum(step, N, args.warmdown_ratio)
+        muon_wd = muon_weight_decay(step, N, r["weight_decay_scaled"])
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"], group["weight_decay"] = momentum, muon_wd
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss_f = (loss_sum / grad_accum).item()
+        synchronize(device)
+        dt = time.time() - t0
+
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased = smooth_train_loss / (1 - ema_beta ** (step + 1))
+        tok_per_sec = B / dt
+        mfu = 100 * flops_per_token * B / dt / (peak_flops * world_size)
+        if step > 10:
+            total_training_time += dt
+            tok_per_sec_sum += tok_per_sec
+            timed_steps += 1
+        print0(f"step {step:05d}/{N} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
+               f"dt: {dt * 1000:.2f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu:.2f} | "
+               f"epoch: {train_loader.epoch} | total time: {total_training_time / 60:.2f}m")
+        events.metric(step, **{"train/loss": train_loss_f, "train/loss_smooth": debiased, "train/lrm": lrm,
+                               "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
+        if step == 0:  # avoid ~500 ms GC pauses later (reference 5.4)
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif step % 5000 == 0:
+            gc.collect()
+        step += 1
+
+    gc.enable()
+    if device.type == "cuda":
+        print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024 ** 2:.2f} MiB")
+    print0(f"total training time: {total_training_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
+    metrics = {
+        "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "train_loss": train_loss_f,
+        "total_training_time": total_training_time, "total_flops": flops_per_token * B * N,
+        "flops_per_token": flops_per_token, "num_iterations": N, "total_batch_size": B, "total_tokens": B * N,
+        "tok_per_sec": tok_per_sec_sum / timed_steps if timed_steps else tok_per_sec, "mfu": mfu,
+        "params_total": counts["total"], "scaling_params": r["scaling_params"], "depth": args.depth,
+        "world_size": world_size, "attention_backend": BACKEND,
+    }
+    if core_metric is not None:
+        metrics["core_metric"] = core_metric
+    outputs = {"checkpoint_dir": ckpt_dir, "last_step": N}
+    if rank == 0:
+        events.log("status", status="done")
+        write_result(out_dir, "base_train", metrics=metrics, outputs=outputs)
+    if ddp:
+        dist.barrier()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
