@@ -37,14 +37,16 @@ _Loader.add_implicit_resolver(
 
 def _parse(text, filename):
     """-> (root node, python data, problems). Problems are YAML-level: syntax, duplicates, shape."""
-    where = lambda mark: f"{filename}:{mark.line + 1}:{mark.column + 1}"   # noqa: E731
+    def where(mark):
+        return f"{filename}:{mark.line + 1}:{mark.column + 1}"
+
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
-        if root is None:
+        data = None if root is None else loader.construct_document(root)
+        if data is None:   # no document, or only comments / `---`
             return None, None, [f"{filename}:1:1: the spec is empty (expected a mapping with name, data, model, ...)"]
         problems = _duplicate_keys(root, (), where)
-        data = loader.construct_document(root)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         context = ""
@@ -56,12 +58,13 @@ def _parse(text, filename):
     finally:
         loader.dispose()
     if not isinstance(data, dict):
-        kind = type(data).__name__ if data is not None else "null"
-        return None, None, [f"{where(root.start_mark)}: the top level must be a mapping of spec fields (got a {kind})"]
+        got = "a list" if isinstance(data, list) else _show(data)
+        return None, None, [f"{where(root.start_mark)}: the top level must be a mapping of spec fields (got {got})"]
     return root, data, problems
 
 
 def _duplicate_keys(node, path, where):
+    """Duplicate mapping keys anywhere below `node`, reported at the second occurrence."""
     problems = []
     if isinstance(node, yaml.MappingNode):
         first = {}
@@ -84,9 +87,9 @@ def _duplicate_keys(node, path, where):
 
 def _child(node, key):
     """-> (key node or None, value node) for `key` in a mapping / index in a sequence, or None."""
-    if isinstance(node, yaml.MappingNode) and isinstance(key, str):
+    if isinstance(node, yaml.MappingNode):
         for k, v in reversed(node.value):   # the last duplicate wins, as in the constructed data
-            if isinstance(k, yaml.ScalarNode) and k.value == key:
+            if isinstance(k, yaml.ScalarNode) and k.value == str(key):
                 return k, v
     if isinstance(node, yaml.SequenceNode) and isinstance(key, int) and 0 <= key < len(node.value):
         return None, node.value[key]
@@ -110,8 +113,6 @@ def _yaml_loc(loc):
         rest = rest[1:]
     if rest[:1] == ["options"]:
         rest = ["<options>"] + rest[1:]
-    elif rest[:1] == ["name"]:
-        rest = ["<name>"] + rest[1:]
     return loc[:2] + rest
 
 
@@ -119,11 +120,10 @@ def _locate(root, loc):
     """Walk `loc` down the node tree. -> (node, key node of node or None, resolved path, unresolved rest)."""
     node, key_node, path = root, None, []
     for i, part in enumerate(loc):
-        if part in ("<options>", "<name>"):
+        if part == "<options>":   # the value of a one-key stage mapping; a bare name has no node for it
             if isinstance(node, yaml.MappingNode) and len(node.value) == 1:
-                k, v = node.value[0]
-                node, key_node = (v, k) if part == "<options>" else (k, k)
-                path.append(k.value)
+                key_node, node = node.value[0]
+                path.append(key_node.value)
             continue
         hit = _child(node, part)
         if hit is None:
@@ -198,6 +198,8 @@ def _message(err, loc):
         return f"unknown field {loc[-1]!r}{hint}"
     if kind == "missing":
         return "required field is missing"
+    if kind == "invalid_key":
+        return f"field names must be strings (got {_show(value)})"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":
         base = kind.split("_")[0] if kind != "model_attributes_type" else "model_attributes"
         if base in _TYPE_NAMES:
@@ -235,7 +237,7 @@ def _pydantic_problems(exc, root, filename):
         if err["type"] == "missing":
             mark = (key_node or node).start_mark   # the parent's key line, e.g. `model:`
             path = path + rest[:1]
-        elif err["type"] == "extra_forbidden" and not rest:
+        elif err["type"] in ("extra_forbidden", "invalid_key") and not rest:
             mark = (key_node or node).start_mark
         else:
             mark = node.start_mark

@@ -29,6 +29,7 @@ NUM_SPECIAL_TOKENS = 9                        # <|bos|> ... <|output_end|>
 EVAL_KINDS = ("core", "bpb", "sample")
 CHAT_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
 DEFAULT_STAGES = ("data", "tok_train", "base_train", "base_eval")
+SECTIONS = ("hardware", "data", "tokenizer", "model", "train")
 
 Source = Literal["climbmix", "fineweb_edu", "parquet", "text", "demo"]
 
@@ -329,6 +330,14 @@ class Spec(_Model):
     # a Stage(name, options). "data" is implied first when not listed, so stages[0].name == "data" always.
     stages: tuple[Stage, ...] = Field(DEFAULT_STAGES, min_length=1, validate_default=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data):
+        # `tokenizer:` with every line commented out is YAML null: read it as "all defaults"
+        if isinstance(data, dict):
+            data = {k: ({} if v is None and k in SECTIONS else v) for k, v in data.items()}
+        return data
+
     @field_validator("stages", mode="before")
     @classmethod
     def _normalize_stages(cls, items):
@@ -347,21 +356,17 @@ class Spec(_Model):
     @field_validator("stages")
     @classmethod
     def _order(cls, stages):
-        seen = []
+        names = [s.name for s in stages]
         for i, stage in enumerate(stages):
-            name = stage.name
-            if name in seen:
-                raise problem(f"stage {name!r} is listed twice", str(i))
-            need = STAGE_NEEDS.get(name)
-            if name == "chat_eval" and stage.options.source == "rl":
+            need = STAGE_NEEDS.get(stage.name)
+            if stage.name == "chat_eval" and stage.options.source == "rl":
                 need = "rl"
-            if need == "data" and "data" not in [s.name for s in stages]:
-                need = None   # data is implied first
-            if need and need not in seen:
-                where = "is missing" if need not in [s.name for s in stages] else "comes after it"
-                raise problem(f"stage {name!r} needs {need!r} before it ({need!r} {where})", str(i))
-            seen.append(name)
-        if stages[0].name != "data" and "data" not in seen:
+            if stage.name in names[:i]:
+                raise problem(f"stage {stage.name!r} is listed twice", str(i))
+            if need and need not in names[:i] and not (need == "data" and "data" not in names):
+                where = "comes after it" if need in names else "is missing"
+                raise problem(f"stage {stage.name!r} needs {need!r} before it ({need!r} {where})", str(i))
+        if "data" not in names:   # implied first; when listed, the rules above already put it first
             stages = (STAGE_MODELS["data"](name="data"),) + tuple(stages)
         return stages
 

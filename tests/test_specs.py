@@ -243,3 +243,16 @@ def test_import_specs_is_light():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "NANORUN_HOME": "/nonexistent"})
     assert out.stdout.strip() == "[]"
+
+
+def test_yaml_edge_cases():
+    # a section with every line commented out is null in YAML: it means "all defaults"
+    assert specs.load_text(MINIMAL + "tokenizer:\n  # vocab_size: 4096\n").tokenizer.vocab_size == 32768
+    assert specs.validate_text("name: a\ndata: {train: [{source: demo}]}\nmodel:\n", "f") == \
+        ["f:3:1: model.depth: required field is missing"]
+    assert specs.validate_text(MINIMAL + "1: x\n", "f") == ["f:7:1: 1: field names must be strings (got 1)"]
+    assert specs.validate_text("name: a\ndata:\n  train:\n    - {weight: 2}\nmodel: {depth: 4}\n", "f") == \
+        ["f:4:7: data.train.0.source: required field is missing"]
+    assert specs.validate_text(MINIMAL + "tags: foo\n", "f") == ["f:7:7: tags: expected a list (got 'foo')"]
+    assert specs.validate_text(MINIMAL + "x: &a 3\ny: *a\n", "f") == ["f:7:1: x: unknown field 'x'",
+                                                                      "f:8:1: y: unknown field 'y'"]
