@@ -86,8 +86,8 @@ _V1_VIEWS = [
             count(*) FILTER (WHERE status IN ('success', 'cached')) AS n_done FROM stages GROUP BY run_id)
     SELECT r.run_id, r.name, r.status, r.depth, r.seed, r.tags, r.created_at, r.started_at, r.finished_at,
         r.git_commit, r.host, r.nodes, r.gpus_per_node, r.gpu, r.usd_per_gpu_hour,
-        CAST(coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) AS VARCHAR) || 'x' || coalesce(r.gpu, r.device_type, '?')
-            AS hardware,
+        CAST(coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) AS VARCHAR) || 'x'
+            || coalesce(nullif(r.gpu, ''), nullif(r.device_type, ''), '?') AS hardware,   -- e.g. 8xH100-SXM
         coalesce(bt.val_bpb, lv.val_bpb, be.val_bpb) AS val_bpb,
         bt.min_val_bpb,
         coalesce(bt.total_training_time, lv.total_training_time) AS total_training_time,
@@ -96,7 +96,8 @@ _V1_VIEWS = [
         be.core_metric,
         coalesce(ct.n, 0) AS core_tasks,
         coalesce(be.core_partial > 0, ct.n < {CORE_NUM_TASKS}, false) AS core_partial,
-        coalesce(bt.total_training_time, lv.total_training_time) / 3600.0 * coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) * r.usd_per_gpu_hour AS cost_usd,
+        coalesce(bt.total_training_time, lv.total_training_time) / 3600.0   -- hours x GPUs x $/GPU-hour
+            * coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) * r.usd_per_gpu_hour AS cost_usd,
         r.finished_at - r.started_at AS wall_seconds,
         st.stage_seconds, st.n_stages, st.n_done
     FROM runs r
@@ -129,7 +130,8 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 def schema_version(con):
     """The schema version of an open database; 0 for a fresh file."""
-    exists = con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = 'schema_version'").fetchone()[0]
+    exists = con.execute("SELECT count(*) FROM information_schema.tables "
+                         "WHERE table_name = 'schema_version'").fetchone()[0]
     if not exists:
         return 0
     return con.execute("SELECT coalesce(max(version), 0) FROM schema_version").fetchone()[0]

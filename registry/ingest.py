@@ -174,6 +174,8 @@ def read_run(run_dir, home, out, seen_keys):
     except ValueError as e:
         raise RegistryError(f"{path}: not valid JSON ({e})") from None
     run_id = run.get("run_id") or os.path.basename(os.path.normpath(run_dir))
+    if run_id in out["runs"]["run_id"]:
+        raise RegistryError(f"{path}: run_id {run_id} is also used by another run directory (a copy?)")
     hardware = run.get("hardware") or {}
     plan = run.get("plan")
     row = {
@@ -254,8 +256,10 @@ def _run_dirs(home):
                   if os.path.isfile(os.path.join(runs, d, "run.json")))
 
 
-def _ingest(con, home, run_dirs, strict=True):
-    """strict=False (bulk ingest) skips a run whose run.json cannot be read, with a warning on stderr."""
+def read_runs(home, run_dirs, strict=True):
+    """Parse run directories into one batch: (column dicts per table, run ids, stage keys). No database here,
+    so the write lock is only held for the write. strict=False skips (with a warning on stderr) a run whose
+    run.json cannot be read."""
     out, seen, run_ids, keys = _new_batch(), set(), [], []
     for run_dir in run_dirs:
         try:
@@ -267,29 +271,31 @@ def _ingest(con, home, run_dirs, strict=True):
             continue
         run_ids.append(run_id)
         keys.extend(run_keys)
-    if run_ids:
+    return out, run_ids, keys
+
+
+def _write(path, batch, timeout):
+    out, run_ids, keys = batch
+    if not run_ids:
+        return run_ids
+    con = connect(path, timeout=timeout)
+    try:
         write_batch(con, out, run_ids, keys)
+    finally:
+        con.close()
     return run_ids
 
 
 def ingest_run(run_dir, home=None, timeout=10.0):
     """Ingest (or re-ingest) one run directory; `home` defaults to the tree that holds it (<home>/runs/<id>)."""
     home = home or os.path.dirname(os.path.dirname(os.path.abspath(run_dir)))
-    con = connect(registry_path(home), timeout=timeout)
-    try:
-        return _ingest(con, home, [run_dir])[0]
-    finally:
-        con.close()
+    return _write(registry_path(home), read_runs(home, [run_dir]), timeout)[0]
 
 
 def ingest_all(home=None, timeout=10.0):
     """Ingest every run directory under <home>/runs; returns the run ids."""
     home = home or get_home()
-    con = connect(registry_path(home), timeout=timeout)
-    try:
-        return _ingest(con, home, _run_dirs(home), strict=False)
-    finally:
-        con.close()
+    return _write(registry_path(home), read_runs(home, _run_dirs(home), strict=False), timeout)
 
 
 def sync(home=None, timeout=10.0):
@@ -297,26 +303,29 @@ def sync(home=None, timeout=10.0):
     pending/running (their events grow without run.json changing); drop runs whose directory is gone.
     Returns the ingested run ids."""
     home = home or get_home()
-    con = connect(registry_path(home), timeout=timeout)
+    path = registry_path(home)
+    con = connect(path, timeout=timeout)
     try:
         known = {run_dir: (mtime, status) for run_dir, mtime, status in
                  con.execute("SELECT run_dir, run_json_mtime, status FROM runs").fetchall()}
-        todo = []
-        for run_dir in _run_dirs(home):
-            recorded = known.get(os.path.abspath(run_dir))
-            mtime = os.stat(os.path.join(run_dir, "run.json")).st_mtime
-            if recorded is None or recorded[0] is None or mtime > recorded[0] or recorded[1] in ("pending", "running"):
-                todo.append(run_dir)
         gone = [d for d in known if not os.path.isfile(os.path.join(d, "run.json"))]
         if gone:
-            con.execute("DELETE FROM stages WHERE run_id IN (SELECT run_id FROM runs WHERE list_contains(?, run_dir))",
-                        [gone])
+            con.begin()
+            con.execute("DELETE FROM stages WHERE run_id IN "
+                        "(SELECT run_id FROM runs WHERE list_contains(?, run_dir))", [gone])
             con.execute("DELETE FROM runs WHERE list_contains(?, run_dir)", [gone])
             for table in ("metrics", "evals", "samples", "stage_results"):
                 con.execute(f"DELETE FROM {table} WHERE key NOT IN (SELECT key FROM stages WHERE key IS NOT NULL)")
-        return _ingest(con, home, todo, strict=False)
+            con.commit()
     finally:
         con.close()
+    todo = []
+    for run_dir in _run_dirs(home):
+        mtime, status = known.get(os.path.abspath(run_dir), (None, None))
+        if mtime is None or os.stat(os.path.join(run_dir, "run.json")).st_mtime > mtime \
+                or status in ("pending", "running"):
+            todo.append(run_dir)
+    return _write(path, read_runs(home, todo, strict=False), timeout)
 
 
 def rebuild(home=None, timeout=10.0):
@@ -328,9 +337,12 @@ def rebuild(home=None, timeout=10.0):
     for leftover in (tmp, tmp + ".wal"):
         if os.path.exists(leftover):
             os.remove(leftover)
+    batch = read_runs(home, _run_dirs(home), strict=False)
     con = connect(tmp, timeout=timeout)
     try:
-        run_ids = _ingest(con, home, _run_dirs(home), strict=False)
+        out, run_ids, keys = batch
+        if run_ids:
+            write_batch(con, out, run_ids, keys)
         con.execute("CHECKPOINT")
     except BaseException:
         con.close()

@@ -122,7 +122,7 @@ def show(run, as_json, num_samples):
     click.echo(f"run       {r['run_id']}  ({r['status']})")
     click.echo(f"spec      {r['name']}  {r['spec_path'] or ''}  hash {(r['spec_hash'] or '-')[:12]}")
     click.echo(f"hardware  {s['hardware']} on {r['host'] or '-'}, ${num(r['usd_per_gpu_hour'], '.2f')}/GPU-h; "
-               f"depth {r['depth'] if r['depth'] is not None else '-'}, seed {r['seed']}, commit {r['git_commit'] or '-'}")
+               f"depth {cell(r['depth'])}, seed {cell(r['seed'])}, commit {r['git_commit'] or '-'}")
     click.echo(f"times     created {when(r['created_at'])}, started {when(r['started_at'])}, "
                f"finished {when(r['finished_at'])}, wall {duration(s['wall_seconds'])}")
     click.echo(f"result    val_bpb {num(s['val_bpb'])}, CORE {num(s['core_metric'])}"
@@ -176,7 +176,8 @@ def leaderboard(as_json, show_all):
         return num(mean, fmt) + (f" +- {std:{fmt}}" if std is not None else "")
 
     columns = ["#", "spec", "hardware", "n", "time (h)", "val_bpb", "CORE", "cost $", "date", "commit", "note"]
-    table = [[r["rank"] if r["qualified"] else "x", r["name"], r["hardware"], r["n"], pm(r["hours"], r["hours_std"], ".2f"),
+    table = [[r["rank"] if r["qualified"] else "x", r["name"], r["hardware"], r["n"],
+              pm(r["hours"], r["hours_std"], ".2f"),
               num(r["val_bpb"]), pm(r["core_metric"], r["core_std"], ".4f"), num(r["cost_usd"], ".2f"),
               when(r["finished_at"])[:10], (r["git_commit"] or "-")[:7],
               r["reason"] or ", ".join(r["run_ids"][:3]) + (" ..." if len(r["run_ids"]) > 3 else "")] for r in rows]

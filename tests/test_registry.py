@@ -145,13 +145,16 @@ def test_sync_ingests_only_what_changed(nanorun_home):
 
 
 def test_ingest_skips_unreadable_run_json(nanorun_home, capsys):
-    make_run_tree(nanorun_home, "good")
+    good = make_run_tree(nanorun_home, "good")
     bad = os.path.join(nanorun_home, "runs", "bad-00000000")
     os.makedirs(bad)
     with open(os.path.join(bad, "run.json"), "w") as f:
         f.write("{not json")
     assert len(ingest_all()) == 1
     assert "bad-00000000" in capsys.readouterr().err
+    shutil.copytree(good, os.path.join(nanorun_home, "runs", "zz-copy"))  # same run_id in two directories
+    assert len(rebuild()) == 1
+    assert "also used by another run directory" in capsys.readouterr().err
     with pytest.raises(RegistryError, match="not valid JSON"):
         ingest_run(bad)
 
