@@ -326,3 +326,21 @@ async def test_shared_run_tree_fixture_renders(nanorun_home):
         assert monitor.last_step == 9 and len(monitor.series["loss"]) == 10 and len(monitor.series["val bpb"]) == 2
         samples = str(app.screen.query_one("#monitor-samples", Static).render())
         assert "step 10: The capital of France is something" in samples and "is The capital" not in samples
+
+
+def test_leaderboard_falls_back_to_run_dirs_while_registry_is_locked(home):
+    import subprocess
+    import sys
+
+    data.leaderboard(home)  # creates and fills registry.duckdb
+    holder = subprocess.Popen([sys.executable, "-c", "import duckdb, sys, time; con = duckdb.connect(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(60)", os.path.join(home, "registry.duckdb")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        columns, rows, source = data.leaderboard(home, timeout=0.3)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert source.startswith("run directories") and "locked" in source
+    assert [r[columns.index("name")] for r in rows] == ["d6", "d4", "d8"]

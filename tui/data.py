@@ -231,10 +231,13 @@ def leaderboard(home, timeout=2.0):
     unusable, the same ranking is computed from the run directories and `source` says so."""
     try:
         from registry import ingest, queries  # noqa: PLC0415 (duckdb is only needed here)
+        from registry.db import RegistryLocked  # noqa: PLC0415
 
         try:
             ingest.sync(home=home, timeout=timeout)
-        except Exception:  # noqa: BLE001 (locked or a broken run dir: read what the registry has)
+        except RegistryLocked:  # a writer holds it: reading would wait on the same lock
+            return _leaderboard_from_files(home, "run directories; the registry is locked by a writer")
+        except Exception:  # noqa: BLE001 (a broken run dir: read what the registry has)
             pass
         table = queries.leaderboard(home=home)
         if table or not os.path.isdir(os.path.join(home, "runs")):
