@@ -275,3 +275,73 @@ def test_torchrun_two_ranks_match_single_process(tmp_path):
     single = evaluate_task(model, TOK, items, {"type": "multiple_choice", "shots": 1, "delimiter": " "}, "cpu")
     for rank in (0, 1):
         assert json.loads((tmp_path / f"acc{rank}.json").read_text()) == pytest.approx(single)
+
+
+# -----------------------------------------------------------------------------
+# the base_eval stage, end to end in a subprocess, on a tiny real checkpoint
+
+
+def _stage_inputs(tmp_path):
+    import dataclasses
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import train_tokenizer
+
+    text = ["The quick brown fox jumps over the lazy dog. " * 20, "Paris is the capital of France. " * 20,
+            "Numbers 12 34 56 and words again and again. " * 20]
+    tokenizer = train_tokenizer(iter(text), vocab_size=300)
+    tokenizer.save(str(tmp_path / "tok"))
+    config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
+                       n_embd=32, window_pattern="L")
+    save_checkpoint(str(tmp_path / "ckpt"), 5, build_model(config).state_dict(), None,
+                    {"step": 5, "model_config": dataclasses.asdict(config)})
+    (tmp_path / "data").mkdir()
+    for name in ("shard_00000.parquet", "shard_00001.parquet"):
+        pq.write_table(pa.table({"text": [t * 3 for t in text] * 4}), tmp_path / "data" / name, row_group_size=4)
+    mc = [{"query": f"Question {i}: the sky is", "choices": ["blue", "green", "red"], "gold": i % 3} for i in range(6)]
+    lm = [{"context": f"Count {i}:", "continuation": "one two"} for i in range(4)]
+    _write_bundle(tmp_path / "bundle", [
+        ("copa", "commonsense_reasoning/copa.jsonl", "multiple_choice", 0, " ", 50, mc),
+        ("lambada_openai", "language_understanding/lambada_openai.jsonl", "language_modeling", 2, " ", 0, lm)])
+
+
+@pytest.mark.slow
+def test_base_eval_stage_end_to_end(tmp_path):
+    _stage_inputs(tmp_path)
+    out = tmp_path / "out"
+    env = {**os.environ, "NANORUN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, "-m", "nanochat.stages.base_eval", "--checkpoint-dir", str(tmp_path / "ckpt"),
+           "--tokenizer-dir", str(tmp_path / "tok"), "--data-dir", str(tmp_path / "data"), "--out-dir", str(out),
+           "--bundle-dir", str(tmp_path / "bundle"), "--device-batch-size", "2", "--split-tokens", "256",
+           "--device-type", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "result.json").read_text())
+    m = result["metrics"]
+    assert result["stage"] == "base_eval" and m["core_tasks"] == 2 and m["core_partial"] is True
+    assert 0 < m["val_bpb"] < 20 and 0 < m["train_bpb"] < 20 and m["num_samples"] == 15
+    rows = (out / "core_000005.csv").read_text().splitlines()
+    assert rows[0] == "Task,Accuracy,Centered" and rows[-1].startswith("CORE,,") and len(rows) == 4
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    evals = [e for e in events if e["kind"] == "eval"]
+    assert {(e["task"], e["metric"]) for e in evals} >= {("copa", "accuracy"), ("copa", "centered"),
+                                                          ("lambada_openai", "centered")}
+    assert next(e for e in evals if e["task"] == "copa" and e["metric"] == "accuracy")["n"] == 6
+    metric_names = {k for e in events if e["kind"] == "metric" for k in e["values"]}
+    assert metric_names >= {"train/bpb", "val/bpb", "core/metric"}
+    samples = [e for e in events if e["kind"] == "sample"]
+    assert len(samples) == 15 and samples[0]["text"].startswith("The capital of France is")
+    assert events[-1] == {**events[-1], "kind": "status", "status": "done"}
+
+
+def test_base_eval_stage_bad_checkpoint_exits_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nanochat.stages.base_eval", "--checkpoint-dir",
+                           str(tmp_path / "nope"), "--tokenizer-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"),
+                           "--eval", "core"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "NANORUN_HOME": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "no checkpoint in" in proc.stderr
