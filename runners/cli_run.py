@@ -1,1 +1,179 @@
 """Spec commands of the nanorun CLI: validate, plan, apply."""
+
+import json
+import os
+import sys
+
+import click
+
+from runners.cli import main
+from specs.errors import NanorunError, SpecError
+
+
+def _load(spec_path):
+    import specs
+    return specs.load(spec_path)
+
+
+def _fmt_num(x):
+    if isinstance(x, bool) or x is None:
+        return str(x)
+    if isinstance(x, int):
+        return f"{x:,}"
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    return str(x)
+
+
+def _fmt_seconds(s):
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.1f}min"
+    return f"{s / 3600:.2f}h"
+
+
+def plan_report(plan, home=None):
+    """Plan as JSON-able dict plus the state of each stage on disk (done / partial / pending)."""
+    from runners.plan import stage_available, stage_state
+    out = plan.to_json()
+    for s, js in zip(plan.stages, out["stages"]):
+        js["state"] = stage_state(s.stage_dir(home)) if stage_available(s) else "n/a"
+        js["dir"] = s.stage_dir(home)
+    return out
+
+
+def render_plan(report):
+    lines = [f"run {report['run_id']}  (spec {report['spec_name']}, hash {report['spec_hash'][:12]})"]
+    d = report["derived"]
+    if d:
+        p = d["params"]
+        lines += [
+            "",
+            "model    n_layer={n_layer} n_embd={n_embd} n_head={n_head} head_dim={head_dim} "
+            "sequence_len={sequence_len} vocab={vocab_size} (padded {padded_vocab_size})".format(**d),
+            "         windows " + ",".join(str(w) for w in d["window_sizes"]),
+            "params   " + "  ".join(f"{k}={_fmt_num(v)}" for k, v in p.items()),
+            f"         scaling params (transformer_matrices + lm_head) = {_fmt_num(d['scaling_params'])}",
+            f"compute  flops/token={d['flops_per_token']:.4g}  total_flops={d['total_flops']:.4g}",
+            f"horizon  {d['horizon']}: target_tokens={_fmt_num(d['target_tokens'])} "
+            f"num_iterations={_fmt_num(d['num_iterations'])} total_tokens={_fmt_num(d['total_tokens'])} "
+            f"(tokens/param {d['tokens_per_param']:.2f})",
+            f"batch    total_batch_size={_fmt_num(d['total_batch_size'])} device_batch_size={d['device_batch_size']} "
+            f"world_size={d['world_size']} grad_accum_steps={d['grad_accum_steps']}",
+            f"optim    matrix_lr={d['matrix_lr']:.4g} embedding_lr={d['embedding_lr']:.4g} "
+            f"unembedding_lr={d['unembedding_lr']:.4g} scalar_lr={d['scalar_lr']:.4g} "
+            f"(batch_lr_scale={d['batch_lr_scale']:.4g}, AdamW dmodel_lr_scale={d['dmodel_lr_scale']:.4g}) "
+            f"weight_decay={d['weight_decay_scaled']:.4g}",
+        ]
+    lines += ["", f"{'stage':<11} {'state':<8} {'procs':<6} {'key':<9} {'estimate':<22} dir"]
+    for s in report["stages"]:
+        est = s["estimate"]
+        est_s = f"{est['flops']:.3g} FLOPs, {_fmt_seconds(est['seconds'])}" if est else "-"
+        procs = f"{s['nnodes']}x{s['nproc_per_node']}"
+        lines.append(f"{s['stage']:<11} {s['state']:<8} {procs:<6} {s['key'][:8]:<9} {est_s:<22} {s['dir']}")
+    t = report["totals"]
+    todo = [s["stage"] for s in report["stages"] if s["state"] != "done"]
+    if any(s["state"] == "n/a" for s in report["stages"]):
+        lines.append("(n/a: this nanorun has no implementation of that stage yet; apply refuses to start)")
+    lines += ["", f"total    {t['flops']:.3g} FLOPs, ~{_fmt_seconds(t['seconds'])} of pretraining, ~${t['usd']:.2f}"
+                  f" on the spec's hardware (estimate assumes {'CPU' if not t['usd'] else 'GPU'} throughput; "
+                  f"real figures land in the registry)",
+              "to run:  " + (", ".join(todo) if todo else "nothing (all stages done)")]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+def validate(spec_path):
+    """Check a spec and list every problem at once (FILE:LINE:COL: field: message); exit 2 if any.
+
+    Example: nanorun validate specs/d12.yaml
+    """
+    import specs
+    problems = specs.validate(spec_path)
+    if problems:
+        for p in problems:
+            click.echo(p, err=True)
+        sys.exit(2)
+    click.echo(f"{spec_path}: ok")
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (reference names).")
+@click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing is left to run, 2 when stages are pending.")
+def plan(spec_path, as_json, detailed_exitcode):
+    """Resolve a spec into every number each stage will use, with FLOPs, time and $ estimates and what is done.
+
+    Example: nanorun plan specs/speedrun_d26.yaml --json
+    """
+    from runners.plan import make_plan
+    report = plan_report(make_plan(_load(spec_path)))
+    click.echo(json.dumps(report, indent=2) if as_json else render_plan(report))
+    if detailed_exitcode and any(s["state"] != "done" for s in report["stages"]):
+        sys.exit(2)
+
+
+def _ingest(record):
+    """Record a run in the registry; the run directory stays the source of truth if the DB is busy."""
+    try:
+        from registry import ingest_run
+        from runners.execute import get_home
+        ingest_run(os.path.join(get_home(), "runs", record["run_id"]))
+    except NanorunError as e:
+        click.echo(f"warning: registry not updated ({e}); run `nanorun registry rebuild` later", err=True)
+
+
+@main.command()
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--node-rank", default=0, show_default=True, help="This node's rank (multi-node specs).")
+@click.option("--rdzv-endpoint", default=None, help="HOST:PORT of node 0 for multi-node torchrun rendezvous.")
+@click.option("--quiet", "-q", is_flag=True, help="Do not echo the stages' output (it is still in each stdout.log).")
+def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
+    """Show the plan, then run every stage that is not done yet, resuming interrupted ones, and record the run.
+
+    Example: nanorun apply specs/cpu_demo.yaml --yes
+    """
+    from runners.execute import apply_plan, run_dir
+    from runners.plan import make_plan
+    plan_ = make_plan(_load(spec_path))
+    report = plan_report(plan_)
+    click.echo(render_plan(report))
+    missing = [s["stage"] for s in report["stages"] if s["state"] == "n/a"]
+    if missing:
+        from specs.errors import LaunchError
+        raise LaunchError(f"{spec_path}: stage(s) {', '.join(missing)} have no implementation in this nanorun yet; "
+                          f"remove them from `stages:` to run the rest")
+    if all(s["state"] == "done" for s in report["stages"]):
+        click.echo("\nall stages are done; recording the run")
+    elif not yes:
+        if not sys.stdin.isatty():
+            raise SpecError("refusing to apply without confirmation: pass --yes when not on a terminal")
+        click.confirm("\napply this plan?", abort=True)
+    click.echo("")
+    echo = (lambda line: None) if quiet else click.echo
+    try:
+        record = apply_plan(plan_, spec_path=spec_path, echo=echo, node_rank=node_rank,
+                            rdzv_endpoint=rdzv_endpoint, on_update=_ingest)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; nothing is lost: `nanorun apply {spec_path}` continues where it stopped", err=True)
+        sys.exit(130)
+    click.echo("")
+    _summary(record, run_dir(plan_))
+
+
+def _summary(record, rdir):
+    click.echo(f"run {record['run_id']}: {record['status']}")
+    for s in record["stages"]:
+        res_path = os.path.join(s["dir"], "result.json")
+        metrics = {}
+        if os.path.exists(res_path):
+            with open(res_path) as f:
+                metrics = json.load(f).get("metrics", {})
+        shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        brief = " ".join(f"{k}={_fmt_num(v)}" for k, v in list(shown.items())[:6])
+        click.echo(f"  {s['stage']:<11} {s['status']:<8} {s['dir']}  {brief}")
+    click.echo(f"run record: {os.path.join(rdir, 'run.json')}")
+    click.echo("next: nanorun show " + record["run_id"] + " | nanorun leaderboard | nanorun tui")
