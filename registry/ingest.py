@@ -328,15 +328,33 @@ def sync(home=None, timeout=10.0):
     return _write(path, read_runs(home, todo, strict=False), timeout)
 
 
+def _remove_dead_temps(path):
+    """Delete temp files of rebuilds whose process is gone (killed mid-rebuild), and our own."""
+    directory, prefix = os.path.dirname(path), os.path.basename(path) + ".rebuild-"
+    for name in os.listdir(directory) if os.path.isdir(directory) else []:
+        if not name.startswith(prefix):
+            continue
+        pid = _int(name[len(prefix):].removesuffix(".wal"))
+        if pid is None:
+            continue
+        if pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+                continue  # still running: another rebuild in progress
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        os.remove(os.path.join(directory, name))
+
+
 def rebuild(home=None, timeout=10.0):
     """Recreate registry.duckdb from the run directories. The new database is built in a temp file and
     renamed over the old one, so a crash mid-rebuild leaves the old database intact. Returns the run ids."""
     home = home or get_home()
     path = registry_path(home)
     tmp = f"{path}.rebuild-{os.getpid()}"
-    for leftover in (tmp, tmp + ".wal"):
-        if os.path.exists(leftover):
-            os.remove(leftover)
+    _remove_dead_temps(path)
     batch = read_runs(home, _run_dirs(home), strict=False)
     con = connect(tmp, timeout=timeout)
     try:

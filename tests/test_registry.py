@@ -197,6 +197,26 @@ def test_rebuild_crash_keeps_old_database(nanorun_home):
     assert not [f for f in os.listdir(nanorun_home) if "rebuild" in f]
 
 
+def test_rebuild_killed_midway_keeps_old_database(nanorun_home):
+    make_run_tree(nanorun_home, "d12")
+    rebuild()
+    before = dump(nanorun_home)
+    make_run_tree(nanorun_home, "big", num_steps=100_000)
+    code = "import os, registry; registry.rebuild(os.environ['NANORUN_HOME'])"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.monotonic() + 60
+    while not [f for f in os.listdir(nanorun_home) if ".rebuild-" in f] and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL while the new database is being written
+    proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the rebuild finished before it could be killed")
+    assert dump(nanorun_home) == before
+    assert len(rebuild()) == 2
+    assert sorted(os.listdir(nanorun_home)) == ["registry.duckdb", "runs", "stages"]  # dead temp file removed
+
+
 # -----------------------------------------------------------------------------
 # Locking: one read-write process XOR many readers
 
