@@ -284,8 +284,18 @@ def test_data_stage_mixture_manifest(tmp_path, server):
     ({"train": [{"source": "demo", "weight": -1}]}, "data.train[0].weight: must be a number > 0"),
     ({"train": []}, "data.train: need a non-empty list"),
 ])
-def test_data_stage_bad_config(tmp_path, config, message):
-    proc, out = run_stage(tmp_path, config, tmp_path / "home")
+def test_data_stage_bad_config(tmp_path, monkeypatch, capsys, config, message):
+    from nanochat.stages import data
+    monkeypatch.setenv("NANORUN_HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(config))
+    assert data.main(["--config", str(cfg), "--out-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [err.strip()] and message in err
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_data_stage_missing_path_is_one_line_not_a_traceback(tmp_path):
+    proc, out = run_stage(tmp_path, {"train": [{"source": "text", "path": "/x/y", "weight": 1}]}, tmp_path / "home")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr
-    assert not (out / "manifest.json").exists()
+    assert proc.stderr == "data.train[0].path: /x/y does not exist\n"
