@@ -69,7 +69,8 @@ def attention(q, k, v, window, kv_cache=None, layer_idx=0):
     B, T = q.shape[:2]
     if kv_cache is None:
         if _use_flash(q):
-            return flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+            left = -1 if window >= T - 1 else window      # -1 = unlimited: the plain causal kernel
+            return flash_attn_func(q, k, v, causal=True, window_size=(left, 0))
         return sdpa_attention(q, k, v, window)
 
     k_cache, v_cache = kv_cache.get_layer_cache(layer_idx)

@@ -34,7 +34,22 @@ def corpus(tmp_path_factory):
     train_tokenizer(iter(docs), 512).save(str(root / "tok"))
     write_parquet_shards(iter(docs[:500]), str(root / "data"), "shard", 250, row_group_size=25)
     write_parquet_shards(iter(docs[500:]), str(root / "data"), "val", 100, row_group_size=25)
-    return {"data_dir": str(root / "data"), "tokenizer_dir": str(root / "tok"), "home": str(root / "home")}
+    # a two-task CORE bundle (the DCLM layout: core.yaml, eval_meta_data.csv, eval_data/*.jsonl)
+    bundle = root / "bundle"
+    (bundle / "eval_data").mkdir(parents=True)
+    mc = [{"query": "The king", "choices": ["of the sea.", "river city."], "gold": 0}] * 4
+    lm = [{"context": "The old house", "continuation": "of the king."}] * 4
+    for name, items in (("copa.jsonl", mc), ("lambada_openai.jsonl", lm)):
+        (bundle / "eval_data" / name).write_text("".join(json.dumps(it) + "\n" for it in items))
+    (bundle / "core.yaml").write_text(
+        "icl_tasks:\n"
+        "-\n  label: copa\n  dataset_uri: copa.jsonl\n  num_fewshot: [0]\n  icl_task_type: multiple_choice\n"
+        "-\n  label: lambada_openai\n  dataset_uri: lambada_openai.jsonl\n  num_fewshot: [0]\n"
+        "  icl_task_type: language_modeling\n")
+    (bundle / "eval_meta_data.csv").write_text("Eval Task,Task Category,Random baseline\ncopa,x,50\n"
+                                                "lambada_openai,x,0\n")
+    return {"data_dir": str(root / "data"), "tokenizer_dir": str(root / "tok"), "home": str(root / "home"),
+            "bundle_dir": str(bundle)}
 
 
 def run_stage(corpus, out_dir, *flags, nproc=1):
@@ -82,7 +97,7 @@ def truncate_to_step(src, dst, step):
 def test_train_events_result_checkpoints_and_exact_resume(corpus, tmp_path):
     out = tmp_path / "full"
     proc = run_stage(corpus, out, "--num-iterations", "6", "--eval-every", "3", "--sample-every", "6",
-                     "--save-every", "3")
+                     "--save-every", "3", "--core-metric-every", "6", "--core-bundle-dir", corpus["bundle_dir"])
     assert "num_iterations: 6" in proc.stdout and "attention backend: sdpa" in proc.stdout
     events = read_events(out)
     assert events[0]["kind"] == "status" and events[0]["status"] == "running"
@@ -95,11 +110,15 @@ def test_train_events_result_checkpoints_and_exact_resume(corpus, tmp_path):
     assert {"train/loss", "train/lrm", "train/dt", "train/tok_per_sec", "train/mfu", "val/bpb"} <= metric_keys
     samples = [e for e in events if e["kind"] == "sample"]
     assert len(samples) == 7 and all(e["step"] == 6 for e in samples)
+    core_events = [e for e in events if e["kind"] == "eval"]
+    assert {(e["task"], e["metric"], e["step"], e["n"]) for e in core_events} == {
+        (t, m, 6, 4) for t in ("copa", "lambada_openai") for m in ("accuracy", "centered")}
     result = json.loads((out / "result.json").read_text())
     assert result["stage"] == "base_train" and result["outputs"]["last_step"] == 6
     m = result["metrics"]
     assert m["num_iterations"] == 6 and m["val_bpb"] == val_bpbs(events)[6]
     assert m["min_val_bpb"] == min(val_bpbs(events).values()) and m["params_total"] > 0
+    assert -1.0 <= m["core_metric"] <= 1.0
     assert math.isfinite(m["mfu"]) and m["total_flops"] == m["flops_per_token"] * 256 * 6
     ckpt = out / "checkpoints"
     assert {f for f in os.listdir(ckpt) if f.startswith("meta")} == {"meta_000003.json", "meta_000006.json"}

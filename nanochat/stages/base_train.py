@@ -264,6 +264,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         from nanochat.core_eval import evaluate_core
     except ImportError:
         evaluate_core = None
+    if args.core_metric_every > 0 and (evaluate_core is None or not os.path.isdir(bundle_dir)):
+        print0(f"CORE during training is off: no CORE bundle at {bundle_dir} (see --core-bundle-dir)")
 
     # --- loop state -----------------------------------------------------------
     step = resume_step if resume_step >= 0 else 0
@@ -297,8 +299,9 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             core_metric = core["core_metric"]
             print0(f"step {step:05d} | CORE metric: {core_metric:.4f}")
             for task, res in core["tasks"].items():
-                events.log("eval", step=step, suite="core", task=task, metric="centered", value=res["centered"],
-                           n=res["n"])
+                for metric in ("accuracy", "centered"):
+                    events.log("eval", step=step, suite="core", task=task, metric=metric, value=res[metric],
+                               n=res["n"])
             events.metric(step, **{"core/metric": core_metric})
         # --- samples (rank 0)
         if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
