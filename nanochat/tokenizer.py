@@ -200,7 +200,7 @@ class Tokenizer:
         return self.encode(*args, **kwargs)
 
     def decode(self, ids):
-        return self.enc.decode(list(ids))
+        return self.enc.decode([int(t) for t in ids])  # accepts lists, tensors and numpy arrays
 
     def encode_special(self, name):
         if name not in self.special_tokens:

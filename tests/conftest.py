@@ -116,3 +116,58 @@ def nanorun_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("NANORUN_HOME", str(home))
     return str(home)
+
+
+# -----------------------------------------------------------------------------
+# Tiny pretraining data + tokenizer (data/tokenizer owner). Session-scoped: build once, treat as read-only.
+
+def _tiny_texts(seed, n_docs):
+    import random
+    rng = random.Random(seed)
+    words = ("the of and to in is was that for on with as by at from his her they have which this be river king "
+             "ship whale island government people nation sea night morning letter garden running walked spoke "
+             "quickly however because although question answer").split()
+    docs = []
+    for _ in range(n_docs):
+        syllables = "ka lo mi ra sen tor vel an qu ix bre dol fa gin hu".split()
+
+        def word():  # common words plus made-up ones, so BPE has merges to learn beyond the word list
+            if rng.random() < 0.7:
+                return rng.choice(words)
+            return "".join(rng.choice(syllables) for _ in range(rng.randint(1, 3)))
+        sentences = [" ".join(word() for _ in range(rng.randint(4, 14))).capitalize() + "."
+                     for _ in range(rng.randint(1, 12))]
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """A `data` stage directory: manifest.json + 2 train parquet shards (200 docs each, row groups of 32)
+    and 1 val shard (64 docs). Use with nanochat.dataloader.DataLoader or --data-dir of tok_train."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = tmp_path_factory.mktemp("tiny_data")
+    paths = []
+    for k, n in enumerate((200, 200, 64)):
+        path = str(root / f"shard_{k:05d}.parquet")
+        pq.write_table(pa.table({"text": _tiny_texts(k, n)}), path, row_group_size=32)
+        paths.append(path)
+    manifest = {"train": [{"source": "parquet", "weight": 1.0, "files": paths[:2]}],
+                "val": {"source": "parquet", "files": paths[2:]}, "documents": 400, "bytes": 0}
+    _write_json(str(root / "manifest.json"), manifest)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tiny_data_dir, tmp_path_factory):
+    """A saved tokenizer (vocab 512 incl. the 9 specials) trained on tiny_data_dir's train split;
+    load with nanochat.tokenizer.Tokenizer.from_directory(path)."""
+    import pyarrow.parquet as pq
+    from nanochat.tokenizer import train_tokenizer
+    with open(os.path.join(tiny_data_dir, "manifest.json")) as f:
+        files = json.load(f)["train"][0]["files"]
+    texts = [t for p in files for t in pq.read_table(p).column("text").to_pylist()]
+    path = str(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer")
+    train_tokenizer(iter(texts), 512).save(path)
+    return path

@@ -170,3 +170,11 @@ def test_plain_parquet_folder(tok, tmp_path):
     assert all(s.startswith("val") for s in segments(tok, val.next_batch()[0][0].tolist())[:-1])
     with pytest.raises(FileNotFoundError):
         DataLoader(str(tmp_path / "missing"), tok, B, T)
+
+
+def test_shared_tiny_fixtures(tiny_data_dir, tiny_tokenizer_dir):
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(tiny_tokenizer_dir)
+    assert tok.get_vocab_size() == 512
+    inputs, targets = DataLoader(tiny_data_dir, tok, 2, 128).next_batch()
+    assert inputs.shape == (2, 128) and (inputs[:, 0] == tok.get_bos_token_id()).all()
