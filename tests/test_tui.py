@@ -344,3 +344,13 @@ def test_leaderboard_falls_back_to_run_dirs_while_registry_is_locked(home):
         holder.wait()
     assert source.startswith("run directories") and "locked" in source
     assert [r[columns.index("name")] for r in rows] == ["d6", "d4", "d8"]
+
+
+def test_nanorun_tui_command_is_registered():
+    from click.testing import CliRunner
+
+    import runners.cli_tui  # noqa: F401 (registers `tui` on the group)
+    from runners.cli import main
+
+    result = CliRunner().invoke(main, ["tui", "--help"], catch_exceptions=False)
+    assert result.exit_code == 0 and "--home" in result.output and "Example: nanorun tui" in result.output
