@@ -13,6 +13,7 @@ result.json) are written by the stage; a stage counts as done only when its resu
 import fcntl
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -127,7 +128,7 @@ class _StageLock:
 def _run_subprocess(cmd, env, log_path, echo, prefix):
     """Run cmd in its own process group, tee its output to log_path and (prefixed) to echo.
     Returns (exit_code, last_lines). SIGINT/SIGTERM to us are forwarded to the whole group."""
-    tail = deque(maxlen=20)
+    tail = deque(maxlen=200)
     with open(log_path, "a", buffering=1) as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
@@ -158,6 +159,19 @@ def _run_subprocess(cmd, env, log_path, echo, prefix):
             for s, h in old.items():
                 signal.signal(s, h)
     return code, list(tail)
+
+
+_LAUNCHER_NOISE = re.compile(r"torch/distributed|ChildFailedError|^\s*(File |\^|=+$|-+$|\[\d+\]:|Root Cause|Failures:|"
+                             r"time |host |rank |exitcode|error_file|traceback :|<NO_OTHER|raise |return |Traceback)|"
+                             r"^E\d{4} |^W\d{4} ")
+
+
+def _error_line(tail):
+    """The stage's own last words: the last output line that is not torchrun's failure report."""
+    own = [l.strip() for l in tail if l.strip() and not _LAUNCHER_NOISE.search(l.strip())
+           and not l.strip().endswith(" FAILED")]
+    errors = [l for l in own if re.search(r"error|exception|not found|does not exist|no such", l, re.IGNORECASE)]
+    return (errors or own or [None])[-1]
 
 
 def _stage_env(stage):
@@ -219,7 +233,7 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
                                              f"[{stage.name}] ")
                 wall = time.time() - t0
                 if code != 0 or stage_state(sdir) != "done":
-                    err = next((l for l in reversed(tail) if l.strip()), f"exit code {code}")
+                    err = _error_line(tail) or f"exit code {code}"
                     save(srec, status="failed", finished_at=time.time(), wall_seconds=wall, exit_code=code, error=err)
                     record["status"], record["finished_at"] = "failed", time.time()
                     save()

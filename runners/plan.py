@@ -134,7 +134,8 @@ def _stage_params(spec, name, derived):
         params = {"device_type": device_type, **opts}
         if params.get("device_batch_size") is None:
             params["device_batch_size"] = spec.train.device_batch_size
-        params["max_seq_len"] = spec.model.max_seq_len
+        if "bundle" in params:  # spec name -> stage flag name
+            params["bundle_source"] = params.pop("bundle")
         return params
     return {"device_type": device_type, "seed": spec.seed, **opts}  # sft, rl, chat_eval: their options as given
 
