@@ -59,11 +59,17 @@ _V1_TABLES = [
     "CREATE TABLE stage_results (key VARCHAR, stage VARCHAR, name VARCHAR, value_double DOUBLE, value_text VARCHAR)",
 ]
 
-# The last stage row of a given kind per run, and per-key aggregates of what that stage produced.
-_V1_VIEWS = [
-    f"""CREATE VIEW run_summary AS
+# Views are derived, so a migration that changes them re-creates them all (CREATE OR REPLACE); files made before
+# version 2 got their first views from migration 1. In run_summary: the last stage row of a given kind per run,
+# per-key aggregates of what that stage produced, and live fallbacks from events.jsonl for a running/stopped stage.
+# Stages log slash names (val/bpb, train/loss, core/metric); older trees used underscores: both are accepted.
+_VIEWS = [
+    f"""CREATE OR REPLACE VIEW run_summary AS
     WITH last_stage AS (
         SELECT run_id, stage, arg_max(key, idx) AS key FROM stages GROUP BY run_id, stage),
+    key_time AS (  -- per stage key, from whichever run really ran it (a cached stage row has no times)
+        SELECT key, max(wall_seconds) AS wall_seconds, max(finished_at - started_at) AS span,
+            max(started_at) AS started_at FROM stages GROUP BY key),
     res AS (
         SELECT key,
             max(value_double) FILTER (WHERE name = 'val_bpb') AS val_bpb,
@@ -72,44 +78,59 @@ _V1_VIEWS = [
             max(value_double) FILTER (WHERE name = 'total_flops') AS total_flops,
             max(value_double) FILTER (WHERE name = 'mfu') AS mfu,
             max(value_double) FILTER (WHERE name = 'core_metric') AS core_metric,
-            max(value_double) FILTER (WHERE name = 'core_partial') AS core_partial
+            max(value_double) FILTER (WHERE name = 'core_partial') AS core_partial,
+            max(value_double) FILTER (WHERE name = 'core_tasks') AS core_tasks
         FROM stage_results GROUP BY key),
-    live AS (  -- the latest logged points: a fallback while a stage has no result.json yet
-        SELECT key, max(step) AS step,
-            arg_max(value, step) FILTER (WHERE name = 'val_bpb') AS val_bpb,
-            arg_max(value, step) FILTER (WHERE name = 'total_training_time') AS total_training_time
+    live AS (  -- the latest logged points: a fallback while a stage has no result.json (running or interrupted)
+        SELECT key, max(step) AS step, max(time) AS last_time,
+            arg_max(value, step) FILTER (WHERE name IN ('val/bpb', 'val_bpb')) AS val_bpb,
+            arg_max(value, step) FILTER (WHERE name IN ('train/total_training_time', 'total_training_time'))
+                AS total_training_time
         FROM metrics GROUP BY key),
-    core_tasks AS (
-        SELECT key, count(DISTINCT task) AS n FROM evals WHERE suite = 'core' GROUP BY key),
+    core_tasks AS (  -- per-task events only: the aggregate event (task 'CORE', metric core_metric) is no task
+        SELECT key, count(DISTINCT task) AS n FROM evals
+        WHERE suite = 'core' AND metric IN ('accuracy', 'centered') GROUP BY key),
     stage_time AS (
         SELECT run_id, sum(wall_seconds) AS stage_seconds, count(*) AS n_stages,
-            count(*) FILTER (WHERE status IN ('success', 'cached')) AS n_done FROM stages GROUP BY run_id)
-    SELECT r.run_id, r.name, r.status, r.depth, r.seed, r.tags, r.created_at, r.started_at, r.finished_at,
-        r.git_commit, r.host, r.nodes, r.gpus_per_node, r.gpu, r.usd_per_gpu_hour,
-        CAST(coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) AS VARCHAR) || 'x'
-            || coalesce(nullif(r.gpu, ''), nullif(r.device_type, ''), '?') AS hardware,   -- e.g. 8xH100-SXM
-        coalesce(bt.val_bpb, lv.val_bpb, be.val_bpb) AS val_bpb,
-        bt.min_val_bpb,
-        coalesce(bt.total_training_time, lv.total_training_time) AS total_training_time,
-        bt.total_flops, bt.mfu,
-        lv.step AS train_step,
-        be.core_metric,
-        coalesce(ct.n, 0) AS core_tasks,
-        coalesce(be.core_partial > 0, ct.n < {CORE_NUM_TASKS}, false) AS core_partial,
-        coalesce(bt.total_training_time, lv.total_training_time) / 3600.0   -- hours x GPUs x $/GPU-hour
-            * coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) * r.usd_per_gpu_hour AS cost_usd,
-        r.finished_at - r.started_at AS wall_seconds,
-        st.stage_seconds, st.n_stages, st.n_done
-    FROM runs r
-    LEFT JOIN last_stage tr ON tr.run_id = r.run_id AND tr.stage = 'base_train'
-    LEFT JOIN last_stage ev ON ev.run_id = r.run_id AND ev.stage = 'base_eval'
-    LEFT JOIN res bt ON bt.key = tr.key
-    LEFT JOIN res be ON be.key = ev.key
-    LEFT JOIN live lv ON lv.key = tr.key
-    LEFT JOIN core_tasks ct ON ct.key = ev.key
-    LEFT JOIN stage_time st ON st.run_id = r.run_id""",
-    # one row per run with its leaderboard verdict; grouping (mean +- std over seeds) is in queries.leaderboard
-    f"""CREATE VIEW leaderboard AS
+            count(*) FILTER (WHERE status IN ('success', 'cached')) AS n_done FROM stages GROUP BY run_id),
+    base AS (
+        SELECT r.*,
+            CAST(coalesce(r.nodes, 1) * coalesce(r.gpus_per_node, 1) AS VARCHAR) || 'x'
+                || coalesce(nullif(r.gpu, ''), nullif(r.device_type, ''), '?') AS hardware,  -- 8xH100-SXM, 1xcpu
+            coalesce(bt.val_bpb, lv.val_bpb, be.val_bpb, le.val_bpb) AS val_bpb,
+            bt.min_val_bpb,
+            coalesce(bt.total_training_time, lv.total_training_time) AS total_training_time,
+            bt.total_flops, bt.mfu, lv.step AS train_step,
+            -- real seconds of the base_train stage (total_training_time skips the first 10 steps)
+            coalesce(kt.wall_seconds, kt.span, lv.last_time - kt.started_at) AS train_wall_seconds,
+            be.core_metric,
+            CAST(coalesce(be.core_tasks, ct.n, 0) AS INTEGER) AS core_tasks,
+            -- the stage's own verdict first (core_partial, core_tasks), then the per-task events; unknown = partial
+            be.core_metric IS NOT NULL AND coalesce(
+                be.core_partial > 0 OR be.core_tasks < {CORE_NUM_TASKS}, be.core_partial > 0,
+                be.core_tasks < {CORE_NUM_TASKS}, ct.n < {CORE_NUM_TASKS}, true) AS core_partial,
+            st.stage_seconds, st.n_stages, st.n_done
+        FROM runs r
+        LEFT JOIN last_stage tr ON tr.run_id = r.run_id AND tr.stage = 'base_train'
+        LEFT JOIN last_stage ev ON ev.run_id = r.run_id AND ev.stage = 'base_eval'
+        LEFT JOIN res bt ON bt.key = tr.key
+        LEFT JOIN res be ON be.key = ev.key
+        LEFT JOIN live lv ON lv.key = tr.key
+        LEFT JOIN live le ON le.key = ev.key
+        LEFT JOIN key_time kt ON kt.key = tr.key
+        LEFT JOIN core_tasks ct ON ct.key = ev.key
+        LEFT JOIN stage_time st ON st.run_id = r.run_id)
+    SELECT run_id, name, status, depth, seed, tags, created_at, started_at, finished_at, git_commit, host, nodes,
+        gpus_per_node, gpu, usd_per_gpu_hour, hardware, val_bpb, min_val_bpb, total_training_time, total_flops, mfu,
+        train_step, train_wall_seconds, core_metric, core_tasks, core_partial,
+        -- hours x GPUs x $/GPU-hour; unknown (NULL) when no price is set (0 means "not given", e.g. on a CPU)
+        total_training_time / 3600.0 * coalesce(nodes, 1) * coalesce(gpus_per_node, 1)
+            * nullif(usd_per_gpu_hour, 0) AS cost_usd,
+        finished_at - started_at AS wall_seconds, stage_seconds, n_stages, n_done
+    FROM base""",
+    # one row per run with its leaderboard verdict; grouping (mean +- std over seeds) is in queries.leaderboard.
+    # A partial CORE never qualifies, so it is never ranked next to full-CORE runs.
+    f"""CREATE OR REPLACE VIEW leaderboard AS
     SELECT *, total_training_time / 3600.0 AS hours,
         core_metric IS NOT NULL AND NOT core_partial AND core_metric >= {CORE_THRESHOLD}
             AND total_training_time IS NOT NULL AS qualified,
@@ -123,7 +144,8 @@ _V1_VIEWS = [
 ]
 
 MIGRATIONS = [
-    _V1_TABLES + _V1_VIEWS,
+    _V1_TABLES,
+    _VIEWS,   # v2: CORE task counts without the aggregate event, slash metric names, train wall time, cost NULL at $0
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -48,7 +48,7 @@ def _dicts(cursor):
 
 RUN_COLUMNS = ["run_id", "name", "status", "depth", "seed", "hardware", "created_at", "finished_at", "n_done",
                "n_stages", "train_step", "val_bpb", "core_metric", "core_partial", "core_tasks",
-               "total_training_time", "cost_usd", "wall_seconds", "tags"]
+               "total_training_time", "train_wall_seconds", "cost_usd", "wall_seconds", "tags"]
 
 
 def list_runs(home=None, limit=None):
@@ -106,12 +106,18 @@ def get_run(ref, home=None, num_samples=5):
         for s in stages:
             s["result"] = results.get(s["key"], {})
             s["last_metrics"] = last.get(s["key"], {})
-        eval_keys = [s["key"] for s in stages if s["stage"] == "base_eval"][-1:]
-        core = _dicts(con.execute(
-            """SELECT task, arg_max(value, step) FILTER (WHERE metric = 'accuracy') AS accuracy,
-                   arg_max(value, step) FILTER (WHERE metric = 'centered') AS centered, max(n) AS n
-               FROM evals WHERE list_contains(?, key) AND suite = 'core' GROUP BY task ORDER BY task""",
-            [eval_keys]))
+        # CORE per task from the last base_eval, else from base_train's in-training CORE evals (latest step);
+        # the aggregate event (task 'CORE', metric core_metric) is the summary's core_metric, not a task
+        core = []
+        for kind in ("base_eval", "base_train"):
+            core = _dicts(con.execute(
+                """SELECT task, arg_max(value, step) FILTER (WHERE metric = 'accuracy') AS accuracy,
+                       arg_max(value, step) FILTER (WHERE metric = 'centered') AS centered, max(n) AS n
+                   FROM evals WHERE list_contains(?, key) AND suite = 'core'
+                       AND metric IN ('accuracy', 'centered') GROUP BY task ORDER BY task""",
+                [[s["key"] for s in stages if s["stage"] == kind][-1:]]))
+            if core:
+                break
         evals = _dicts(con.execute(
             """SELECT s.stage, e.suite, e.task, e.metric, arg_max(e.value, e.step) AS value, max(e.n) AS n
                FROM evals e JOIN (SELECT DISTINCT stage, key FROM stages WHERE run_id = ?) s ON s.key = e.key

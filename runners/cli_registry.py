@@ -9,13 +9,17 @@ Registry commands of the nanorun CLI: runs, show, leaderboard, query, registry r
 
 Read commands first ingest run directories that changed since the last ingest (a quick `sync`) when they can get
 the write lock right away; when another process holds it they read what the database already has.
-Each command is a thin shell over registry/*; nothing here imports torch.
+Each command is a thin shell over registry/*; nothing here imports torch. Text output fits $COLUMNS (or the
+terminal, or 100 columns): long cells and samples are cut there, never in --json.
 """
 
 import csv
 import datetime
 import io
 import json
+import os
+import shutil
+import textwrap
 
 import click
 
@@ -38,8 +42,14 @@ def _echo_json(obj):
 # Plain aligned text tables
 
 
-def when(t):
-    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M") if t is not None else "-"
+def when(t, same_day_as=None):
+    """Local date and time; only the time when it falls on the same day as `same_day_as`."""
+    if t is None:
+        return "-"
+    day = datetime.datetime.fromtimestamp(t)
+    if same_day_as is not None and datetime.datetime.fromtimestamp(same_day_as).date() == day.date():
+        return day.strftime("%H:%M")
+    return day.strftime("%Y-%m-%d %H:%M")
 
 
 def duration(seconds):
@@ -53,19 +63,32 @@ def num(x, fmt=".4f"):
     return "-" if x is None else format(x, fmt)
 
 
+def clean(text):
+    """One line of printable text: whitespace becomes a space, other control characters (an ESC from a
+    model's sample would drive the terminal) are shown escaped."""
+    return "".join(ch if ch.isprintable() else " " if ch.isspace() else ascii(ch)[1:-1] for ch in text)
+
+
+def clip(text, width):
+    """`text` cut to `width` characters, marked with '...' when cut (None: no limit)."""
+    return text if width is None or len(text) <= width else text[:max(width - 3, 0)] + "..."
+
+
 def cell(x):
     if x is None:
         return "-"
     if isinstance(x, float):
         return f"{x:.6g}"
     if isinstance(x, (list, dict)):
-        return json.dumps(x, default=str)
-    return str(x).replace("\n", "\\n")
+        return clean(json.dumps(x, default=str))
+    return clean(str(x))
 
 
-def format_table(columns, rows):
-    """Columns padded to their widest cell; numbers right-aligned."""
-    text = [[cell(v) for v in row] for row in rows]
+def format_table(columns, rows, max_widths=None):
+    """Columns padded to their widest cell; numbers right-aligned. max_widths: {column index: characters}
+    cuts long cells (the --json output of a command stays complete)."""
+    max_widths = max_widths or {}
+    text = [[clip(cell(v), max_widths.get(i)) for i, v in enumerate(row)] for row in rows]
     widths = [max([len(str(c))] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
     right = [bool(rows) and all(isinstance(r[i], (int, float)) and not isinstance(r[i], bool)
                                 for r in rows if r[i] is not None) for i in range(len(columns))]
@@ -77,6 +100,89 @@ def format_table(columns, rows):
     return "\n".join(out + [line(r) for r in text])
 
 
+def term_width():
+    """$COLUMNS, else the terminal's width, else 100; kept within 60..200."""
+    try:
+        width = int(os.environ.get("COLUMNS", "0"))
+    except ValueError:
+        width = 0
+    return min(max(width or shutil.get_terminal_size((100, 24)).columns, 60), 200)
+
+
+def wrap(text, width, indent="    ", max_lines=3):
+    """Readable multi-line text: cleaned, wrapped to `width`, at most `max_lines` lines (the last marked '...')."""
+    lines = textwrap.wrap(clean(text).strip(), width - len(indent)) or [""]
+    if len(lines) > max_lines:
+        lines, room = lines[:max_lines], width - len(indent) - 4
+        last = lines[-1] if len(lines[-1]) <= room else lines[-1][:room].rsplit(" ", 1)[0]
+        lines[-1] = last + " ..."
+    return "\n".join(indent + line for line in lines)
+
+
+def format_run(detail, width=100):
+    """The text of `nanorun show` for a get_run() detail: summary lines, stage/metric/CORE tables and the last
+    samples, each line at most `width` characters (long cells and samples are cut; --json keeps them whole)."""
+    from registry import CORE_NUM_TASKS
+    out = []
+    r, s = detail["run"], detail["summary"]
+    price = f"${r['usd_per_gpu_hour']:.2f}/GPU-h" if r["usd_per_gpu_hour"] else "no $/GPU-h set"
+    out.append(f"run       {r['run_id']}  ({r['status']})")
+    out.append(f"spec      {r['name']}  {r['spec_path'] or ''}  hash {(r['spec_hash'] or '-')[:12]}")
+    out.append(f"hardware  {s['hardware']} on {r['host'] or '-'}, {price}; "
+               f"depth {cell(r['depth'])}, seed {cell(r['seed'])}, commit {(r['git_commit'] or '-')[:12]}")
+    out.append(f"times     created {when(r['created_at'])}, started {when(r['started_at'], r['created_at'])}, "
+               f"finished {when(r['finished_at'], r['created_at'])}, wall {duration(s['wall_seconds'])}")
+    out.append(f"result    val_bpb {num(s['val_bpb'])}, CORE {num(s['core_metric'])}"
+               f"{' (partial)' if s['core_partial'] else ''}, training {duration(s['total_training_time'])} "
+               f"(wall {duration(s['train_wall_seconds'])}), cost ${num(s['cost_usd'], '.2f')}")
+    out.append(f"board     {'qualifies' if s['qualified'] else s['reason']}")
+    out.append("")
+    out.append(format_table(["#", "stage", "key", "status", "started", "wall", "exit", "error"],
+                            [[x["idx"], x["stage"], x["key"][:8] if x["key"] else "-", x["status"],
+                              when(x["started_at"]), duration(x["wall_seconds"]), x["exit_code"], x["error"]]
+                             for x in detail["stages"]], {7: max(width - 70, 20)}))
+    metric_rows = []
+    for x in detail["stages"]:
+        for name, value in x["result"].items():
+            metric_rows.append([x["stage"], name, value, "result"])
+        for name, point in x["last_metrics"].items():
+            # the last logged point, unless result.json has the same figure (val/bpb -> val_bpb)
+            if name not in x["result"] and name.replace("/", "_") not in x["result"]:
+                metric_rows.append([x["stage"], name, point["value"], f"step {point['step']}"])
+    if metric_rows:
+        out.append("")
+        out.append(format_table(["stage", "metric", "value", "from"], metric_rows,
+                                {1: 28, 2: max(width - 60, 16)}))
+    core = detail["core"]
+    if core:
+        out.append("")
+        out.append(format_table(["CORE task", "accuracy", "centered", "n"],
+                                [[c["task"], c["accuracy"], c["centered"], c["n"]] for c in core], {0: 40}))
+        missing = next((x["result"].get("core_missing") for x in detail["stages"][::-1]
+                        if x["stage"] == "base_eval" and x["result"].get("core_missing")), None)
+        line = (f"CORE {num(s['core_metric'])} over {s['core_tasks'] or len(core)}/{CORE_NUM_TASKS} tasks"
+                + (" (partial)" if s["core_partial"] else ""))
+        if missing:
+            line += f"; missing {len(missing)}: " + ", ".join(map(str, missing))
+        out.append(clip(clean(line), width))
+    if detail["evals"]:
+        out.append("")
+        out.append(format_table(["stage", "suite", "task", "metric", "value", "n"],
+                                [[e["stage"], e["suite"], e["task"], e["metric"], e["value"], e["n"]]
+                                 for e in detail["evals"]], {2: 32, 3: 20}))
+    if detail["samples"]:
+        out += ["", "last samples"]
+    for sample in detail["samples"]:
+        prompt, text = sample["prompt"] or "", sample["text"] or ""
+        if prompt and text.startswith(prompt):
+            text = text[len(prompt):]  # stages log prompt + continuation
+        head = f"[{sample['stage']} step {cell(sample['step'])}] "
+        head += f'"{clip(clean(prompt), width - len(head) - 2)}"' if prompt else "(unconditional)"
+        out.append(head)
+        out.append(wrap(text, width))
+    return "\n".join(out)
+
+
 # -----------------------------------------------------------------------------
 # Commands
 
@@ -85,7 +191,8 @@ def format_table(columns, rows):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.option("--limit", "-n", type=int, default=None, help="Show only the newest N runs.")
 def runs(as_json, limit):
-    """List runs, newest first, with status, val_bpb, CORE, training time and cost.
+    """List runs, newest first, with status, val_bpb, CORE, training time (timed steps, as the reference counts
+    them), the base_train stage's wall time and cost ("-" without a $/GPU-hour price).
 
     Example: nanorun runs -n 10
     """
@@ -94,12 +201,14 @@ def runs(as_json, limit):
     rows = list_runs(limit=limit)
     if as_json:
         return _echo_json(rows)
+    # train time: timed steps only (the first 10 are skipped, as the reference does); wall: the whole base_train stage
     columns = ["run", "status", "stages", "depth", "hardware", "created", "step", "val_bpb", "CORE", "train time",
-               "cost $"]
+               "wall", "cost $"]
     table = [[r["run_id"], r["status"], f"{r['n_done']}/{r['n_stages']}", r["depth"], r["hardware"],
               when(r["created_at"]), r["train_step"], num(r["val_bpb"]),
               num(r["core_metric"]) + (" (partial)" if r["core_partial"] else ""),
-              duration(r["total_training_time"]), num(r["cost_usd"], ".2f")] for r in rows]
+              duration(r["total_training_time"]), duration(r["train_wall_seconds"]), num(r["cost_usd"], ".2f")]
+             for r in rows]
     click.echo(format_table(columns, table) if rows else "no runs yet (nanorun apply SPEC)")
 
 
@@ -118,42 +227,7 @@ def show(run, as_json, num_samples):
     detail = get_run(run, num_samples=num_samples)
     if as_json:
         return _echo_json(detail)
-    r, s = detail["run"], detail["summary"]
-    click.echo(f"run       {r['run_id']}  ({r['status']})")
-    click.echo(f"spec      {r['name']}  {r['spec_path'] or ''}  hash {(r['spec_hash'] or '-')[:12]}")
-    click.echo(f"hardware  {s['hardware']} on {r['host'] or '-'}, ${num(r['usd_per_gpu_hour'], '.2f')}/GPU-h; "
-               f"depth {cell(r['depth'])}, seed {cell(r['seed'])}, commit {r['git_commit'] or '-'}")
-    click.echo(f"times     created {when(r['created_at'])}, started {when(r['started_at'])}, "
-               f"finished {when(r['finished_at'])}, wall {duration(s['wall_seconds'])}")
-    click.echo(f"result    val_bpb {num(s['val_bpb'])}, CORE {num(s['core_metric'])}"
-               f"{' (partial)' if s['core_partial'] else ''}, training {duration(s['total_training_time'])}, "
-               f"cost ${num(s['cost_usd'], '.2f')}; leaderboard: {'qualifies' if s['qualified'] else s['reason']}")
-    click.echo("")
-    click.echo(format_table(["#", "stage", "key", "status", "started", "wall", "exit", "error"],
-                            [[x["idx"], x["stage"], x["key"][:8] if x["key"] else "-", x["status"],
-                              when(x["started_at"]), duration(x["wall_seconds"]), x["exit_code"], x["error"]]
-                             for x in detail["stages"]]))
-    metric_rows = []
-    for x in detail["stages"]:
-        for name, value in x["result"].items():
-            metric_rows.append([x["stage"], name, value, "result"])
-        for name, point in x["last_metrics"].items():
-            if name not in x["result"]:
-                metric_rows.append([x["stage"], name, point["value"], f"step {point['step']}"])
-    if metric_rows:
-        click.echo("")
-        click.echo(format_table(["stage", "metric", "value", "from"], metric_rows))
-    if detail["core"]:
-        click.echo("")
-        click.echo(format_table(["CORE task", "accuracy", "centered", "n"],
-                                [[c["task"], c["accuracy"], c["centered"], c["n"]] for c in detail["core"]]))
-    if detail["evals"]:
-        click.echo("")
-        click.echo(format_table(["stage", "suite", "task", "metric", "value", "n"],
-                                [[e["stage"], e["suite"], e["task"], e["metric"], e["value"], e["n"]]
-                                 for e in detail["evals"]]))
-    for sample in detail["samples"]:
-        click.echo(f"\n[{sample['stage']} step {sample['step']}] {sample['text']}")
+    click.echo(format_run(detail, term_width()))
 
 
 @main.command()

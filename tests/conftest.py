@@ -25,14 +25,19 @@ def _write_json(path, obj):
 
 def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=None, core_metric=0.3, core_tasks=22,
                   val_bpb=0.8, total_training_time=3600.0, total_flops=1e18, num_steps=20, created_at=None,
-                  hardware=None, depth=4, git_commit="abc1234", tags=("test",)):
+                  hardware=None, depth=4, git_commit="abc1234", tags=("test",), real_names=False):
     """Write $home/runs/<run_id>/run.json plus the stage directories tok_train (shared by every run of this
     helper, like a real content-addressed tokenizer), base_train and base_eval. Returns the run directory.
 
     status="success": every stage has result.json; base_train logs num_steps metric points (train_loss every
     step, val_bpb every 5) and 2 samples; base_eval logs accuracy+centered eval events for `core_tasks` CORE tasks.
     status="running": base_train is mid-way (no result.json, a partial last line), base_eval pending.
-    core_metric=None: base_eval failed (no result.json)."""
+    status="interrupted": like "running" but the run and base_train were stopped (Ctrl-C): base_train has
+    started_at/finished_at and no wall_seconds.
+    core_metric=None: base_eval failed (no result.json).
+    real_names=True: metric names and events as the real stages write them: base_train logs train/loss,
+    train/tok_per_sec, val/bpb; base_eval adds the aggregate eval event (task "CORE", metric core_metric, n = task
+    count), logs core/metric, train/bpb, val/bpb and its result.json has core_tasks and core_missing."""
     run_id = run_id or f"{name}-{_key(name, seed, status)[:8]}"
     created_at = created_at if created_at is not None else time.time() - 7200
     hardware = hardware or {"nodes": 1, "gpus_per_node": 8, "gpu": "H100-SXM", "usd_per_gpu_hour": 3.0,
@@ -51,7 +56,8 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
                 _write_json(os.path.join(sdir, fname), content)
         done = st in ("success", "cached")
         stages.append({"stage": kind, "key": key, "dir": sdir, "status": st,
-                       "started_at": created_at + 10, "finished_at": created_at + 100 if done else None,
+                       "started_at": created_at + 10,
+                       "finished_at": created_at + 100 if done or st == "interrupted" else None,
                        "wall_seconds": 90.0 if done else None, "exit_code": 0 if done else None,
                        "error": None if st != "failed" else "exit code 1"})
 
@@ -65,13 +71,16 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
            "result.json": {"stage": "tok_train", "status": "success", "finished_at": t,
                            "metrics": {"vocab_size": 32768, "compression": 4.5}, "outputs": {}}})
 
-    running = status in ("running", "pending")
+    running = status in ("running", "pending", "interrupted")
     steps = num_steps // 2 if running else num_steps
-    train = [{"time": t + s, "kind": "metric", "step": s,
-              "values": {"train_loss": 5.0 - s * 0.01, "tok_per_sec": 1000.0 + s}} for s in range(steps)]
-    train += [{"time": t + s, "kind": "metric", "step": s, "values": {"val_bpb": val_bpb + 0.5 - s * 0.5 / num_steps}}
+    loss_name, tps_name, bpb_name = ("train/loss", "train/tok_per_sec", "val/bpb") if real_names else \
+        ("train_loss", "tok_per_sec", "val_bpb")
+    tt = t + 10  # base_train logs after its stage started
+    train = [{"time": tt + s, "kind": "metric", "step": s,
+              "values": {loss_name: 5.0 - s * 0.01, tps_name: 1000.0 + s}} for s in range(steps)]
+    train += [{"time": tt + s, "kind": "metric", "step": s, "values": {bpb_name: val_bpb + 0.5 - s * 0.5 / num_steps}}
               for s in range(0, steps, 5)]
-    train += [{"time": t + steps, "kind": "sample", "step": steps, "prompt": p, "text": p + " something"}
+    train += [{"time": tt + steps, "kind": "sample", "step": steps, "prompt": p, "text": p + " something"}
               for p in ("The capital of France is", "If yesterday was Friday, then")]
     files = {"events.jsonl": events(train, partial=running)}
     if not running:
@@ -80,7 +89,8 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
                                             "total_training_time": total_training_time, "total_flops": total_flops,
                                             "num_iterations": num_steps, "mfu": 40.0, "tok_per_sec": 1e6}}
     base_key = _key(run_id, "base_train")
-    stage("base_train", base_key, "running" if running else "success", files)
+    stage("base_train", base_key, ("interrupted" if status == "interrupted" else "running") if running else "success",
+          files)
 
     if not running:
         evs = []
@@ -89,11 +99,19 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
                         "metric": "accuracy", "value": 0.5, "n": 100})
             evs.append({"time": t, "kind": "eval", "step": steps, "suite": "core", "task": task,
                         "metric": "centered", "value": core_metric if core_metric is not None else 0.0, "n": 100})
+        if real_names and core_metric is not None:
+            evs.append({"time": t, "kind": "eval", "step": steps, "suite": "core", "task": "CORE",
+                        "metric": "core_metric", "value": core_metric, "n": core_tasks})
+            evs.append({"time": t, "kind": "metric", "step": steps,
+                        "values": {"core/metric": core_metric, "train/bpb": val_bpb - 0.01, "val/bpb": val_bpb}})
         files = {"events.jsonl": events(evs)}
         if core_metric is not None:
             files["result.json"] = {"stage": "base_eval", "status": "success", "finished_at": t, "outputs": {},
                                     "metrics": {"core_metric": core_metric, "core_partial": core_tasks < 22,
                                                 "val_bpb": val_bpb}}
+            if real_names:
+                files["result.json"]["metrics"].update(core_tasks=core_tasks,
+                                                       core_missing=CORE_TASK_NAMES[core_tasks:])
         stage("base_eval", _key(run_id, "base_eval"), "success" if core_metric is not None else "failed", files)
     else:
         stage("base_eval", _key(run_id, "base_eval"), "pending", {})
@@ -102,7 +120,8 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
            "spec_hash": _key("spec", name), "plan": {"run_id": run_id, "stages": [{"stage": "base_train",
                                                                                    "params": {"depth": depth}}]},
            "status": status, "created_at": created_at, "started_at": created_at + 1,
-           "finished_at": None if running else created_at + 300, "git_commit": git_commit, "host": "testhost",
+           "finished_at": None if status in ("running", "pending") else created_at + 300,
+           "git_commit": git_commit, "host": "testhost",
            "hardware": hardware, "tags": list(tags), "seed": seed, "stages": stages}
     run_dir = os.path.join(home, "runs", run_id)
     _write_json(os.path.join(run_dir, "run.json"), run)

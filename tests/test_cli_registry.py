@@ -13,8 +13,8 @@ from conftest import make_run_tree
 from runners.cli import main
 
 
-def cli(*args, code=0):
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+def cli(*args, code=0, columns=100):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False, env={"COLUMNS": str(columns)})
     assert result.exit_code == code, result.output
     return result
 
@@ -45,7 +45,7 @@ def test_show(home):
     assert len(detail["core"]) == 22
     text = cli("show", "cpu_demo").output
     assert "cpu_demo-2222" in text and "CORE 0.0800 < 0.2565" in text and "base_eval" in text
-    assert "The capital of France is something" in text
+    assert '[base_train step 20] "The capital of France is"\n    something\n' in text
 
 
 def test_show_errors_are_one_line(home):
@@ -90,6 +90,60 @@ def test_registry_rebuild_and_path(home):
     assert cli("registry", "rebuild").output.strip() == f"rebuilt {path} from 3 runs"
     assert cli("registry", "sync").output.strip() == "ingested 0 runs"
     assert json.loads(cli("query", "SELECT count(*) AS n FROM runs", "--json").output) == [{"n": 3}]
+
+
+CPU = {"nodes": 1, "gpus_per_node": 1, "gpu": "cpu", "usd_per_gpu_hour": 0.0, "device_type": "cpu"}
+
+
+@pytest.fixture
+def tiny(nanorun_home):
+    """Like the first real CPU run: 14 of 22 CORE tasks, slash metric names, no $ price; its last sample
+    has a newline and an ESC (models emit any byte)."""
+    run_dir = make_run_tree(nanorun_home, "tiny_demo", core_tasks=14, core_metric=0.054, hardware=CPU,
+                            real_names=True, total_training_time=0.0, num_steps=10, run_id="tiny_demo-8095")
+    stage_dir = json.load(open(os.path.join(run_dir, "run.json")))["stages"][2]["dir"]
+    with open(os.path.join(stage_dir, "events.jsonl"), "a") as f:
+        f.write(json.dumps({"time": 2e9, "kind": "sample", "step": 10, "prompt": "",
+                            "text": "\x1b[31mred\n" + "word " * 200}) + "\n")
+    return nanorun_home
+
+
+def test_show_fits_100_columns_and_keeps_json_complete(tiny):
+    text = cli("show", "tiny_demo", "--samples", "3").output
+    lines = text.splitlines()
+    assert max(len(line) for line in lines) <= 100, max(lines, key=len)
+    assert "\x1b" not in text and "\\x1b[31mred" in text  # control characters are shown escaped
+    missing_row = next(line for line in lines if "core_missing" in line)
+    assert '["task14", "task15"' in missing_row and "..." in missing_row
+    assert "CORE 0.0540 over 14/22 tasks (partial); missing 8: task14, task15," in text
+    assert "partial CORE (14/22)" in text and "no $/GPU-h set" in text and "(wall 0:01:30)" in text
+    core_rows = [line.split()[0] for line in lines if line.startswith("task")]
+    assert core_rows == [f"task{i:02d}" for i in range(14)]  # no aggregate 'CORE' row among the tasks
+    # the long unconditional sample is wrapped and cut; the prompted ones show prompt and continuation
+    assert "(unconditional)\n    \\x1b[31mred word word" in text and text.count("\n    word word") == 2
+    assert "word ...\n" in text
+    assert '"If yesterday was Friday, then"\n    something' in text
+    detail = json.loads(cli("show", "tiny_demo", "--json").output)
+    assert detail["stages"][2]["result"]["core_missing"] == [f"task{i}" for i in range(14, 22)]
+    assert detail["samples"][-1]["text"] == "\x1b[31mred\n" + "word " * 200
+
+
+def test_runs_shows_train_wall_time(tiny):
+    lines = cli("runs").output.splitlines()
+    header = lines[0]
+    assert "train time" in header and "wall" in header
+    row = lines[2]
+    assert row.startswith("tiny_demo-8095") and "1xcpu" in row and "0.0540 (partial)" in row
+    assert "0:00:00" in row and "0:01:30" in row and row.endswith("-")  # no cost without a $ price
+    assert json.loads(cli("runs", "--json").output)[0]["train_wall_seconds"] == 90.0
+
+
+def test_leaderboard_cpu_partial_row(tiny):
+    make_run_tree(tiny, "speedrun", core_metric=0.26, run_id="speedrun-0000")
+    lines = cli("leaderboard").output.splitlines()
+    assert lines[2].startswith("1  speedrun")
+    assert lines[3].split() == ["x", "tiny_demo", "1xcpu", "1", "0.00", "0.8000", "0.0540", "-",
+                                lines[3].split()[8], "abc1234", "partial", "CORE", "(14/22)"]
 
 
 NO_TORCH = """

@@ -342,3 +342,124 @@ def test_core_exactly_at_threshold_qualifies(nanorun_home):
     make_run_tree(nanorun_home, "below", core_metric=0.2565)
     sync()
     assert [r["name"] for r in leaderboard(qualified_only=True)] == ["edge"]
+
+
+# -----------------------------------------------------------------------------
+# Real stage output (slash metric names, the aggregate CORE event, CPU runs, cached and stopped stages)
+
+CPU = {"nodes": 1, "gpus_per_node": 1, "gpu": "cpu", "usd_per_gpu_hour": 0.0, "device_type": "cpu"}
+
+
+def summary(run_id):
+    return next(r for r in list_runs() if r["run_id"] == run_id)
+
+
+def edit_result(run_dir, stage, drop=(), **update):
+    """Remove (result files of older stages lack them) or set metrics in a stage's result.json."""
+    run = json.load(open(os.path.join(run_dir, "run.json")))
+    path = os.path.join(next(s["dir"] for s in run["stages"] if s["stage"] == stage), "result.json")
+    result = json.load(open(path))
+    for name in drop:
+        del result["metrics"][name]
+    result["metrics"].update(update)
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+def test_core_task_count_is_the_stages_own(nanorun_home):
+    # base_eval logs one eval event per task plus an aggregate (task CORE): 14 tasks, not 15
+    make_run_tree(nanorun_home, "tiny", core_tasks=14, core_metric=0.054, real_names=True, run_id="tiny-1")
+    counted = make_run_tree(nanorun_home, "tiny", seed=1, core_tasks=14, core_metric=0.054, real_names=True,
+                            run_id="tiny-2")
+    edit_result(counted, "base_eval", ["core_tasks", "core_partial", "core_missing"])  # counted from events
+    sync()
+    for run_id in ("tiny-1", "tiny-2"):
+        row = summary(run_id)
+        assert (row["core_tasks"], row["core_partial"]) == (14, True)
+    assert {r["reason"] for r in leaderboard()} == {"partial CORE (14/22)"}
+    detail = get_run("tiny-1")
+    assert [c["task"] for c in detail["core"]] == [f"task{i:02d}" for i in range(14)]  # no 'CORE' row
+    assert detail["stages"][2]["result"]["core_missing"] == [f"task{i:02d}" for i in range(14, 22)]
+
+
+def test_partial_core_is_never_ranked_with_full_core(nanorun_home):
+    make_run_tree(nanorun_home, "full", core_metric=0.26, total_training_time=7200, real_names=True)
+    # 21 tasks + the aggregate event look like 22 distinct names; the result has no verdict of its own
+    sneaky = make_run_tree(nanorun_home, "sneaky", core_tasks=21, core_metric=0.5, total_training_time=60,
+                           real_names=True)
+    edit_result(sneaky, "base_eval", ["core_tasks", "core_partial", "core_missing"])
+    # a CORE figure with no task count and no verdict at all is not trusted as full either
+    unknown = make_run_tree(nanorun_home, "unknown", core_tasks=0, core_metric=0.5, total_training_time=60)
+    edit_result(unknown, "base_eval", ["core_partial"])
+    # the stage's own count wins over the events it logged
+    says = make_run_tree(nanorun_home, "says14", core_metric=0.5, total_training_time=60, real_names=True)
+    edit_result(says, "base_eval", core_tasks=14, core_partial=False)
+    sync()
+    rows = leaderboard()
+    assert [(r["rank"], r["name"]) for r in rows if r["qualified"]] == [(1, "full")]
+    reasons = {r["name"]: r["reason"] for r in rows if not r["qualified"]}
+    assert reasons == {"sneaky": "partial CORE (21/22)", "unknown": "partial CORE (0/22)",
+                       "says14": "partial CORE (14/22)"}
+    assert all(r["rank"] is None for r in rows if not r["qualified"])
+
+
+def test_live_val_bpb_and_wall_from_real_metric_names(nanorun_home):
+    live = os.path.basename(make_run_tree(nanorun_home, "live", status="running", real_names=True))
+    stopped = os.path.basename(make_run_tree(nanorun_home, "stopped", status="interrupted", real_names=True,
+                                             val_bpb=1.0))
+    done = os.path.basename(make_run_tree(nanorun_home, "done", real_names=True, total_training_time=0.0))
+    sync()
+    # 10 of 20 steps logged; val/bpb at steps 0 and 5: 0.8 + 0.5 - 5 * 0.5 / 20
+    row = summary(live)
+    assert row["val_bpb"] == pytest.approx(1.175) and row["train_step"] == 9
+    assert row["train_wall_seconds"] == pytest.approx(9.0)  # last logged point - stage start, while running
+    row = summary(stopped)
+    assert row["status"] == "interrupted" and row["val_bpb"] == pytest.approx(1.375)
+    assert row["train_wall_seconds"] == pytest.approx(90.0)  # stopped: finished_at - started_at
+    assert row["core_metric"] is None and row["core_partial"] is False
+    row = summary(done)
+    assert row["total_training_time"] == 0.0 and row["train_wall_seconds"] == 90.0  # a 10-step run: 0 timed seconds
+    assert row["val_bpb"] == pytest.approx(0.8)
+
+
+def test_cached_train_stage_keeps_its_wall_time(nanorun_home):
+    first = make_run_tree(nanorun_home, "d4", run_id="d4-first", created_at=1000.0)
+    run = json.load(open(os.path.join(first, "run.json")))
+    run.update(run_id="d4-again", created_at=2000.0)
+    for stage in run["stages"]:  # the runner found every stage done: no times of its own
+        stage.update(status="cached", started_at=None, finished_at=None, wall_seconds=None, exit_code=None)
+    os.makedirs(os.path.join(nanorun_home, "runs", "d4-again"))
+    with open(os.path.join(nanorun_home, "runs", "d4-again", "run.json"), "w") as f:
+        json.dump(run, f)
+    sync()
+    assert summary("d4-again")["train_wall_seconds"] == 90.0
+    assert summary("d4-again")["core_metric"] == pytest.approx(0.3)
+
+
+def test_cpu_hardware_and_unpriced_cost(nanorun_home):
+    make_run_tree(nanorun_home, "cpu", hardware=CPU, run_id="cpu-1")
+    make_run_tree(nanorun_home, "cpu", seed=1, run_id="cpu-2",
+                  hardware={"nodes": 1, "gpus_per_node": None, "gpu": None, "device_type": "cpu"})
+    make_run_tree(nanorun_home, "gpu", run_id="gpu-1")
+    sync()
+    assert [(summary(r)["hardware"], summary(r)["cost_usd"]) for r in ("cpu-1", "cpu-2")] == \
+        [("1xcpu", None), ("1xcpu", None)]
+    assert summary("gpu-1")["cost_usd"] == pytest.approx(1.0 * 8 * 3.0)
+    rows = leaderboard()
+    assert [(r["name"], r["hardware"], r["n"]) for r in rows] == [("cpu", "1xcpu", 2), ("gpu", "8xH100-SXM", 1)]
+    assert rows[0]["cost_usd"] is None
+
+
+def test_v1_file_gets_the_new_views(nanorun_home, monkeypatch):
+    path = registry_path(nanorun_home)
+    with monkeypatch.context() as m:  # a file written by schema version 1 (its own, older views)
+        m.setattr(db, "MIGRATIONS", [db.MIGRATIONS[0] + ["CREATE VIEW run_summary AS SELECT run_id FROM runs",
+                                                         "CREATE VIEW leaderboard AS SELECT * FROM run_summary"]])
+        m.setattr(db, "SCHEMA_VERSION", 1)
+        connect(path).close()
+    make_run_tree(nanorun_home, "tiny", core_tasks=14, core_metric=0.05, real_names=True)
+    sync()  # migrates to the current version
+    _, rows = query("SELECT max(version) FROM schema_version")
+    assert rows == [(SCHEMA_VERSION,)] and SCHEMA_VERSION >= 2
+    assert leaderboard()[0]["reason"] == "partial CORE (14/22)"
+    assert list_runs()[0]["train_wall_seconds"] == 90.0
