@@ -7,9 +7,17 @@ equilibration, Polar Express orthogonalization, Muon+ norm snapping, NorMuon var
 cautious weight decay, per-shape LR). Every group stores "initial_lr"; schedules set
 lr = initial_lr * multiplier.
 
-Distributed: when torch.distributed is initialized, step() averages the gradients across ranks first
-(one flat all_reduce(AVG) per dtype), then every rank runs the same update on replicated state. This is
-correct for any world size; ZeRO-style sharding would replace `_average_grads` and the loops below.
+Distributed (ZeRO-2 style, reference 4.4, any world size W): step() runs in three phases.
+1. launch async reductions: small AdamW params (numel < 1024) all_reduce(AVG) with replicated state;
+   larger AdamW params reduce_scatter(AVG) along dim 0, rows zero-padded to a multiple of W; each Muon
+   group stacks its K grads to (K, m, n), zero-pads K to ceil(K/W)*W and reduce_scatters so every rank
+   owns whole matrices.
+2. group by group: wait, update the owned slice / matrices (state exists only for those), launch
+   all_gather of the updated values.
+3. wait for the gathers and copy the gathered values back into the params.
+A single process does no communication and the same math. state_dict() carries a "sharding" entry
+(world size, rank, per-param layout) so merge_optimizer_shards() + load_state_dict() can resume a
+checkpoint written with a different world size.
 
     opt = model.setup_optimizer(...); loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
 """
@@ -78,6 +86,107 @@ def muon_update(grads, params, momentum_buffer, second_buffer, lr, momentum, bet
     return P
 
 
+SMALL_NUMEL = 1024  # AdamW params smaller than this are all-reduced with replicated state (not worth sharding)
+
+
+def _dist_rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _ceil_div(a, b):
+    return -(-a // b)
+
+
+def _pad_rows(t, rows):
+    """t padded with zero rows along dim 0 up to `rows` (t itself when already that long)."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    out = torch.zeros((rows, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    out[:t.shape[0]] = t
+    return out
+
+
+def adamw_update(p, g, exp_avg, exp_avg_sq, t, lr, wd, eps, beta1, beta2):
+    """One AdamW step (reference 4.2) on p (a whole param or a row slice of it) in place; math in fp32,
+    results written back in the param / state dtype. t = step count after this step (bias correction)."""
+    g = g.float()
+    m = exp_avg.float().lerp_(g, 1 - beta1)
+    v = exp_avg_sq.float().lerp_(g.square(), 1 - beta2)
+    bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
+    denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+    pf = p.float().mul_(1 - lr * wd)                      # decoupled weight decay
+    pf.addcdiv_(m, denom, value=-lr / bias1)
+    p.copy_(pf)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+
+
+def param_layout(group, p, world_size):
+    """How one param's optimizer state is split across ranks (reference 4.4, but any world size):
+    replicated: small AdamW param, every rank holds the full state;
+    rows: AdamW param, dim 0 padded to chunk * world_size rows, rank r owns rows [r*chunk, (r+1)*chunk);
+    muon: the group's K matrices (state on its first param), padded to chunk * world_size, rank r owns
+    matrices [r*chunk, (r+1)*chunk). `size` is the unpadded row / matrix count."""
+    if group["kind"] == "muon":
+        K = len(group["params"])
+        return {"kind": "muon", "size": K, "chunk": _ceil_div(K, world_size)}
+    if p.numel() < SMALL_NUMEL:
+        return {"kind": "replicated", "size": p.shape[0] if p.dim() else 1, "chunk": p.shape[0] if p.dim() else 1}
+    return {"kind": "rows", "size": p.shape[0], "chunk": _ceil_div(p.shape[0], world_size)}
+
+
+def _sharded_keys(kind):
+    return ("momentum_buffer", "second_momentum_buffer") if kind == "muon" else ("exp_avg", "exp_avg_sq")
+
+
+def merge_optimizer_shards(shards):
+    """The per-rank state_dicts of one step (any order) -> one unsharded state_dict (world_size 1), which
+    MuonAdamW.load_state_dict re-shards for any world size."""
+    if not shards:
+        raise ValueError("merge_optimizer_shards: no optimizer shards given")
+    infos = [s.get("sharding", {"world_size": 1, "rank": 0, "params": None}) for s in shards]
+    world_size = infos[0]["world_size"]
+    by_rank = {info["rank"]: s for info, s in zip(infos, shards)}
+    if any(i["world_size"] != world_size for i in infos) or sorted(by_rank) != list(range(world_size)):
+        raise ValueError(f"merge_optimizer_shards: need one shard per rank 0..W-1 of one world size, got "
+                         f"{sorted((i['rank'], i['world_size']) for i in infos)}")
+    ordered = [by_rank[r] for r in range(world_size)]
+    layouts = infos[0]["params"] or {}
+    state = {}
+    for idx, s0 in ordered[0]["state"].items():
+        layout = layouts.get(idx, {"kind": "replicated"})
+        if layout["kind"] == "replicated" or world_size == 1:
+            state[idx] = copy.deepcopy(s0)
+            continue
+        full = {k: v for k, v in s0.items() if k not in _sharded_keys(layout["kind"])}
+        for key in _sharded_keys(layout["kind"]):
+            full[key] = torch.cat([shard["state"][idx][key] for shard in ordered])[:layout["size"]].clone()
+        state[idx] = full
+    merged_layouts = {idx: {**lay, "chunk": lay["size"]} for idx, lay in layouts.items()}
+    return {"state": state, "param_groups": copy.deepcopy(ordered[0]["param_groups"]),
+            "sharding": {"world_size": 1, "rank": 0, "params": merged_layouts}}
+
+
+def shard_optimizer_state(full, rank, world_size, layouts):
+    """An unsharded state_dict -> the shard of `rank` for `world_size` (layouts: index -> param_layout)."""
+    state = {}
+    for idx, s in full["state"].items():
+        layout = layouts[idx]
+        if layout["kind"] == "replicated":
+            state[idx] = copy.deepcopy(s)
+            continue
+        part = {k: v for k, v in s.items() if k not in _sharded_keys(layout["kind"])}
+        chunk = layout["chunk"]
+        for key in _sharded_keys(layout["kind"]):
+            padded = _pad_rows(s[key], chunk * world_size)
+            part[key] = padded[rank * chunk:(rank + 1) * chunk].clone()
+        state[idx] = part
+    return {"state": state, "param_groups": copy.deepcopy(full["param_groups"]),
+            "sharding": {"world_size": world_size, "rank": rank, "params": layouts}}
+
+
 class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups):
         for g in param_groups:
@@ -89,83 +198,166 @@ class MuonAdamW(torch.optim.Optimizer):
                 if len(shapes) != 1 or len(next(iter(shapes))) != 2:
                     raise ValueError(f"MuonAdamW: muon group {g.get('name')!r} needs 2-D params of one shape")
         super().__init__(param_groups, defaults={})
+        self.rank, self.world_size = _dist_rank_world()  # the sharding is fixed when the optimizer is built
 
-    def load_state_dict(self, state_dict):
-        # deep copy: torch would otherwise share state tensors with the source, and our updates are in place
-        super().load_state_dict(copy.deepcopy(state_dict))
+    # --- layout and checkpoints ----------------------------------------------
 
-    # -------------------------------------------------------------------------
-
-    def _average_grads(self):
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        by_dtype = {}
+    def layouts(self):
+        """param index (as in state_dict) -> param_layout for this world size."""
+        out, idx = {}, 0
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None:  # every rank must take part with the same tensors
-                    p.grad = torch.zeros_like(p)
-                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+                out[idx] = param_layout(group, p, self.world_size)
+                idx += 1
+        return out
 
-    @torch.no_grad()
-    def _adamw_step(self, group):
-        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            t = state["step"]
-            # math in fp32, results written back in the param dtype (bf16 embeddings keep bf16 state)
-            g = p.grad.float()
-            m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-            v = state["exp_avg_sq"].float().lerp_(g.square(), 1 - beta2)
-            bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-            denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
-            pf = p.float().mul_(1 - lr * wd)                      # decoupled weight decay
-            pf.addcdiv_(m, denom, value=-lr / bias1)
-            p.copy_(pf)
-            state["exp_avg"].copy_(m)
-            state["exp_avg_sq"].copy_(v)
+    def sharding_summary(self):
+        """One line per group: how its state is split (for startup logs and events)."""
+        lines = []
+        for group in self.param_groups:
+            lay = param_layout(group, group["params"][0], self.world_size)
+            kinds = sorted({param_layout(group, p, self.world_size)["kind"] for p in group["params"]})
+            what = f"{len(group['params'])} matrices {tuple(group['params'][0].shape)}" if group["kind"] == "muon" \
+                else f"{len(group['params'])} params"
+            per_rank = f", {lay['chunk']} {'matrices' if lay['kind'] == 'muon' else 'rows'}/rank" \
+                if lay["kind"] != "replicated" else ""
+            lines.append(f"{group.get('name', '?')}: {group['kind']}, {what}, {'+'.join(kinds)}{per_rank}")
+        return lines
 
-    @torch.no_grad()
-    def _muon_step(self, group):
-        params = [p for p in group["params"] if p.grad is not None]
-        if not params:
-            return
-        if len(params) != len(group["params"]):
-            raise RuntimeError(f"MuonAdamW: group {group.get('name')!r} has params without gradients")
-        K, (m, n) = len(params), params[0].shape
-        # stacked state lives on the group's first param so state_dict() round-trips it
-        state = self.state[params[0]]
-        if not state:
-            state["momentum_buffer"] = torch.zeros(K, m, n, dtype=torch.float32, device=params[0].device)
-            shape = (K, m, 1) if m >= n else (K, 1, n)
-            state["second_momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=params[0].device)
-        grads = torch.stack([p.grad for p in params])
-        stacked = torch.stack(list(params))
-        new = muon_update(grads, stacked, state["momentum_buffer"], state["second_momentum_buffer"],
-                          group["lr"], group["momentum"], group["beta2"], group["weight_decay"], group["ns_steps"])
-        torch._foreach_copy_(params, list(new.to(params[0].dtype).unbind(0)))
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["sharding"] = {"world_size": self.world_size, "rank": self.rank, "params": self.layouts()}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Accepts this rank's own shard, or an unsharded state (world size 1, e.g. from
+        merge_optimizer_shards), which is re-sharded for this rank and world size."""
+        sd = copy.deepcopy(state_dict)  # torch would otherwise share tensors with the source; we update in place
+        info = sd.pop("sharding", {"world_size": 1, "rank": 0})
+        if (info["world_size"], info["rank"]) != (self.world_size, self.rank):
+            if info["world_size"] != 1:
+                raise ValueError(f"optimizer state is shard {info['rank']} of {info['world_size']} ranks, this is "
+                                 f"rank {self.rank} of {self.world_size}: merge the shards first "
+                                 "(nanochat.optim.merge_optimizer_shards)")
+            sd = shard_optimizer_state(sd, self.rank, self.world_size, self.layouts())
+            sd.pop("sharding")
+        super().load_state_dict(sd)
+
+    # --- step ----------------------------------------------------------------
+
+    def _grad(self, p):
+        if p.grad is not None:
+            return p.grad
+        if self.world_size == 1:
+            return None
+        return torch.zeros_like(p)  # every rank must take part in every collective
 
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MuonAdamW does not take a closure")
-        self._average_grads()
+        W, rank = self.world_size, self.rank
+        avg = dist.ReduceOp.AVG if W > 1 else None
+        # phase 1: launch every reduction; a job is (group, param or None, reduced grad, pending work)
+        jobs = []
         for group in self.param_groups:
             if group["kind"] == "adamw":
-                self._adamw_step(group)
+                for p in group["params"]:
+                    g = self._grad(p)
+                    if g is None:
+                        continue
+                    lay = param_layout(group, p, W)
+                    work = None
+                    if W > 1 and lay["kind"] == "replicated":
+                        g = g.contiguous()
+                        work = dist.all_reduce(g, op=avg, async_op=True)
+                    elif W > 1:
+                        full = _pad_rows(g, lay["chunk"] * W)
+                        g = torch.empty((lay["chunk"], *p.shape[1:]), dtype=g.dtype, device=g.device)
+                        work = dist.reduce_scatter_single(g, full, op=avg, async_op=True)
+                    jobs.append((group, p, g, work))
             else:
-                self._muon_step(group)
+                grads = [self._grad(p) for p in group["params"]]
+                if all(g is None for g in grads):
+                    continue
+                if any(g is None for g in grads):
+                    raise RuntimeError(f"MuonAdamW: group {group.get('name')!r} has params without gradients")
+                chunk = _ceil_div(len(grads), W)
+                stacked = _pad_rows(torch.stack(grads), chunk * W)      # (chunk*W, m, n)
+                work, owned = None, stacked
+                if W > 1:
+                    owned = torch.empty_like(stacked[:chunk])           # (chunk, m, n)
+                    work = dist.reduce_scatter_single(owned, stacked, op=avg, async_op=True)
+                jobs.append((group, None, owned, work))
+        # phase 2: in group order, wait for the reduction, update what this rank owns, launch the gather
+        gathers = []
+        for group, p, g, work in jobs:
+            if work is not None:
+                work.wait()
+            if group["kind"] == "adamw":
+                gathers.append(self._adamw_shard(group, p, g))
+            else:
+                gathers.append(self._muon_shard(group, g))
+        # phase 3: wait for the gathers, copy the full updated values back into the params
+        for params, gathered, work in gathers:
+            if work is None:
+                continue
+            work.wait()
+            if len(params) == 1 and gathered.dim() == params[0].dim():   # AdamW rows (chunk*W, ...), padded
+                params[0].copy_(gathered[:params[0].shape[0]])
+            else:                                                        # Muon (chunk*W, m, n), padded
+                torch._foreach_copy_(params, list(gathered[:len(params)].unbind(0)))
+
+    def _adamw_shard(self, group, p, g):
+        """AdamW on this rank's part of p (all of it when replicated or single process)."""
+        W, rank = self.world_size, self.rank
+        lay = param_layout(group, p, W)
+        sharded = W > 1 and lay["kind"] == "rows"
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            shape = (lay["chunk"], *p.shape[1:]) if sharded else p.shape
+            state["exp_avg"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        hp = (state["step"], group["lr"], group["weight_decay"], group["eps"], beta1, beta2)
+        if not sharded:
+            adamw_update(p, g, state["exp_avg"], state["exp_avg_sq"], *hp)
+            return [p], None, None
+        chunk = lay["chunk"]
+        lo = rank * chunk
+        n = max(0, min(chunk, p.shape[0] - lo))                   # real (unpadded) rows this rank owns
+        out = torch.zeros((chunk, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        if n > 0:
+            piece = p[lo:lo + n].clone()
+            adamw_update(piece, g[:n], state["exp_avg"][:n], state["exp_avg_sq"][:n], *hp)
+            out[:n] = piece
+        gathered = torch.empty((chunk * W, *p.shape[1:]), dtype=p.dtype, device=p.device)
+        return [p], gathered, dist.all_gather_single(gathered, out, async_op=True)
+
+    def _muon_shard(self, group, g):
+        """Muon on the matrices this rank owns; g = their reduced grads (chunk, m, n), zero rows = padding."""
+        W, rank = self.world_size, self.rank
+        params = group["params"]
+        K, chunk, (m, n) = len(params), g.shape[0], params[0].shape
+        # stacked state of the owned matrices lives on the group's first param so state_dict() round-trips it
+        state = self.state[params[0]]
+        if not state:
+            state["momentum_buffer"] = torch.zeros(chunk, m, n, dtype=torch.float32, device=g.device)
+            shape = (chunk, m, 1) if m >= n else (chunk, 1, n)
+            state["second_momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=g.device)
+        lo = rank * chunk
+        k = max(0, min(chunk, K - lo))                            # real matrices owned
+        hp = (group["lr"], group["momentum"], group["beta2"], group["weight_decay"], group["ns_steps"])
+        if W == 1:
+            new = muon_update(g, torch.stack(params), state["momentum_buffer"], state["second_momentum_buffer"], *hp)
+            torch._foreach_copy_(params, list(new.to(params[0].dtype).unbind(0)))
+            return params, None, None
+        out = torch.zeros((chunk, m, n), dtype=params[0].dtype, device=g.device)
+        if k > 0:
+            new = muon_update(g[:k], torch.stack(params[lo:lo + k]), state["momentum_buffer"][:k],
+                              state["second_momentum_buffer"][:k], *hp)
+            out[:k] = new.to(out.dtype)
+        gathered = torch.empty((chunk * W, m, n), dtype=out.dtype, device=g.device)
+        return params, gathered, dist.all_gather_single(gathered, out, async_op=True)

@@ -8,6 +8,13 @@ MuonAdamW, warmup/warmdown schedules, periodic val bpb / CORE / samples, atomic 
 
 Flags use the reference names and defaults; --config FILE (JSON keyed by argparse dest names) sets defaults
 that explicit flags override. Outputs in --out-dir: events.jsonl, checkpoints/, result.json (written last).
+
+Distributed: the optimizer state is sharded across ranks (nanochat.optim). Data: every micro-step of every
+rank reads its own stream, "virtual rank" v = rank * grad_accum + micro_step of world_size * grad_accum, so
+the rows of one step depend only on device_batch_size and total_batch_size, not on how they are split
+between ranks and accumulation: W ranks x A micro-steps train like 1 process x W*A micro-steps, and a
+checkpoint resumes exactly (model, optimizer and data) on another world size. Only if the number of streams
+changes (another device batch size) is the data resume approximate (a warning says so).
 """
 
 import argparse
@@ -147,6 +154,33 @@ def measure_matmul_flops(device, dtype, n=1024, reps=5):
 # -----------------------------------------------------------------------------
 
 
+def resume_loader_states(data_dir, ckpt_dir, step, meta, virtual_ranks, streams):
+    """The saved dataloader states for this rank's streams: exact when the checkpoint had the same number of
+    streams (whatever its world size), else remapped with a warning (nanochat.checkpoint.remap_loader_states)."""
+    import pyarrow.parquet as pq
+
+    from nanochat.checkpoint import load_rank_states, remap_loader_states
+    from nanochat.common import print0
+    from nanochat.dataloader import read_data_dir
+    old = []
+    for rank_state in load_rank_states(ckpt_dir, step, meta.get("world_size", 1)):
+        if rank_state is None:
+            continue
+        old.extend(rank_state["loaders"] if "loaders" in rank_state else [rank_state])  # older: one loader/rank
+    if not old:
+        print0(f"warning: checkpoint step {step} has no dataloader state; data starts from the beginning")
+        return [None] * len(virtual_ranks)
+    by_rank = {st["rank"]: st for st in old}
+    if all(st["world_size"] == streams for st in old) and sorted(by_rank) == list(range(streams)):
+        return [by_rank[v] for v in virtual_ranks]
+    print0(f"warning: checkpoint step {step} has {old[0]['world_size']} data streams, this run has {streams} "
+           "(device batch size changed?): exact data resume is impossible; every stream restarts just past the "
+           "furthest row group read before (buffered documents are dropped)")
+    train, _ = read_data_dir(data_dir)
+    groups = [sum(pq.ParquetFile(f).num_row_groups for f in source["files"]) for source in train]
+    return remap_loader_states(old, virtual_ranks, streams, groups)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.dtype:
@@ -222,10 +256,10 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     resume_step = args.resume_from_step
     if resume_step == -2:
         resume_step = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else -1
-    loop_state, loader_state = {}, None
+    loop_state, meta = {}, None
     if resume_step >= 0:
         print0(f"resuming from step {resume_step} of {ckpt_dir}")
-        model_state, optim_state, meta, loader_state = load_checkpoint(ckpt_dir, resume_step, device, rank)
+        model_state, optim_state, meta, _ = load_checkpoint(ckpt_dir, resume_step, device, rank, world_size=world_size)
         model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
         orig_model.load_state_dict(model_state, strict=True)
         loop_state = meta.get("loop_state", {})
@@ -246,11 +280,22 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         unembedding_lr=r["unembedding_lr"], embedding_lr=r["embedding_lr"], matrix_lr=r["matrix_lr"],
         weight_decay=r["weight_decay_scaled"], scalar_lr=r["scalar_lr"], adam_betas=(args.adam_beta1, args.adam_beta2))
     if resume_step >= 0:
-        optimizer.load_state_dict(optim_state)
+        optimizer.load_state_dict(optim_state)  # this rank's shard, or a merged state re-sharded here
         del optim_state
+    print0(f"world size {world_size}, optimizer state sharding:")
+    for line in optimizer.sharding_summary():
+        print0(f"  {line}")
+    events.log("log", message="distributed", world_size=world_size, grad_accum_steps=grad_accum,
+               data_streams=world_size * grad_accum, optimizer_sharding=optimizer.sharding_summary())
 
-    train_loader = DataLoader(args.data_dir, tokenizer, dbs, T, split="train", rank=rank, world_size=world_size,
-                              device=device, state=loader_state)
+    # one loader per micro-step: virtual rank rank*grad_accum + a of world_size*grad_accum (module docstring)
+    streams = world_size * grad_accum
+    virtual_ranks = [rank * grad_accum + a for a in range(grad_accum)]
+    loader_states = [None] * grad_accum
+    if resume_step >= 0:
+        loader_states = resume_loader_states(args.data_dir, ckpt_dir, resume_step, meta, virtual_ranks, streams)
+    train_loaders = [DataLoader(args.data_dir, tokenizer, dbs, T, split="train", rank=v, world_size=streams,
+                                device=device, state=st) for v, st in zip(virtual_ranks, loader_states)]
     eval_steps = max(1, args.eval_tokens // (dbs * T * world_size))
 
     if device.type == "cuda":
@@ -325,7 +370,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                                "tok_per_sec_sum": tok_per_sec_sum, "timed_steps": timed_steps},
             }
             save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank,
-                            rank_state=train_loader.state_dict())
+                            rank_state={"loaders": [loader.state_dict() for loader in train_loaders]})
             print0(f"saved checkpoint step {step} to {ckpt_dir}")
         if last_step:
             break
@@ -334,8 +379,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         synchronize(device)
         t0 = time.time()
         loss_sum = 0.0
-        for _ in range(grad_accum):
-            x, y = train_loader.next_batch()
+        for loader in train_loaders:
+            x, y = loader.next_batch()
             loss = model(x, y)
             loss_sum += loss.detach()
             (loss / grad_accum).backward()
@@ -348,7 +393,10 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                 group["momentum"], group["weight_decay"] = momentum, muon_wd
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        train_loss_f = (loss_sum / grad_accum).item()
+        train_loss = loss_sum / grad_accum
+        if ddp:  # log the loss of the whole batch, not rank 0's part: comparable across world sizes
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        train_loss_f = train_loss.item()
         synchronize(device)
         dt = time.time() - t0
 
@@ -362,7 +410,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             timed_steps += 1
         print0(f"step {step:05d}/{N} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu:.2f} | "
-               f"epoch: {train_loader.epoch} | total time: {total_training_time / 60:.2f}m")
+               f"epoch: {train_loaders[0].epoch} | total time: {total_training_time / 60:.2f}m")
         events.metric(step, **{"train/loss": train_loss_f, "train/loss_smooth": debiased, "train/lrm": lrm,
                                "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
         if step == 0:  # avoid ~500 ms GC pauses later (reference 5.4)
