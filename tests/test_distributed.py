@@ -146,14 +146,23 @@ def test_world_sizes_train_alike(runs):
 @pytest.mark.slow
 def test_resume_on_another_world_size(runs, tmp_path):
     """2 ranks -> 1 and 1 -> 2: the state right after loading (saved again at once by a run that ends at the
-    resume step) equals the uninterrupted run's, exactly; and 2 -> 1 goes on training like the 2-rank run."""
+    resume step) equals the uninterrupted run's, exactly; 2 -> 1 goes on training like the 2-rank run; and a
+    resume with another device batch size (other data streams) warns and trains on."""
     home, data, tok = runs["home"], runs["data"], runs["tok"]
     for src, n_new, name in ((runs["w2"], 1, "2to1"), (runs["w1"], 2, "1to2")):
         dst = tmp_path / name
         checkpoint_copy(src, dst, 4)  # the resumed run below ends at step 4 and saves it again, re-sharded
+    # another device batch size means 12 data streams instead of 6: approximate data resume, with a warning
+    approx = tmp_path / "2to1_dbs1"
+    checkpoint_copy(runs["w2"], approx, 4)
+    p_approx = run(data, tok, home, approx, "--num-iterations", str(STEPS), "--resume-from-step", "4",
+                   "--device-batch-size", "1", nproc=1)
     p = run(data, tok, home, tmp_path / "2to1", "--num-iterations", "4", "--resume-from-step", "4", nproc=1)
     out = wait(p)
     assert "saved by 2 ranks, loading on 1" in out
+    out = wait(p_approx)
+    assert "has 6 data streams, this run has 12" in out and "exact data resume is impossible" in out
+    assert sorted(losses(approx)) == list(range(4, STEPS))
     p = run(data, tok, home, tmp_path / "1to2", "--num-iterations", "4", "--resume-from-step", "4", nproc=2)
     out = wait(p)
     assert "saved by 1 ranks, loading on 2" in out
