@@ -108,8 +108,15 @@ def plan(spec_path, as_json, detailed_exitcode):
 
     Example: nanorun plan specs/speedrun_d26.yaml --json
     """
+    from runners.execute import check_local_data
     from runners.plan import make_plan
-    report = plan_report(make_plan(_load(spec_path)))
+    plan_ = make_plan(_load(spec_path))
+    try:
+        check_local_data(plan_, spec_path)
+    except SpecError as e:  # the spec may be meant for another machine: plan still shows it
+        for p in e.problems:
+            click.echo(f"warning: {p} (apply will refuse to start)", err=True)
+    report = plan_report(plan_)
     click.echo(json.dumps(report, indent=2) if as_json else render_plan(report))
     if detailed_exitcode and any(s["state"] != "done" for s in report["stages"]):
         sys.exit(2)
@@ -136,9 +143,10 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
 
     Example: nanorun apply specs/cpu_demo.yaml --yes
     """
-    from runners.execute import apply_plan, run_dir
+    from runners.execute import apply_plan, check_local_data, run_dir
     from runners.plan import make_plan
     plan_ = make_plan(_load(spec_path))
+    check_local_data(plan_, spec_path)  # a missing data folder fails here, before anything runs
     report = plan_report(plan_)
     click.echo(render_plan(report))
     missing = [s["stage"] for s in report["stages"] if s["state"] == "n/a"]

@@ -8,6 +8,10 @@ content-addressed directory, skip stages that already succeeded, resume interrup
 
 Only this process writes run.json, atomically. A stage's own files (events.jsonl, checkpoints,
 result.json) are written by the stage; a stage counts as done only when its result.json exists.
+Two applies never run the same run (flock on runs/<run_id>/.lock) or the same stage (flock on
+<stage_dir>/.lock) at once; the second fails fast. A stage's processes die with the apply that launched
+them (SIGINT/SIGTERM are forwarded; if the apply itself is killed, the kernel sends the stage SIGTERM), so a
+re-apply never races a leftover trainer: it resumes from the last complete checkpoint.
 """
 
 import fcntl
@@ -23,7 +27,7 @@ from collections import deque
 
 from runners.plan import get_home, stage_state
 from specs import dump_yaml
-from specs.errors import LaunchError
+from specs.errors import LaunchError, SpecError
 
 
 def _atomic_write_json(path, obj):
@@ -104,25 +108,91 @@ def stage_command(stage, config_path, out_dir, *, node_rank=0, rdzv_endpoint=Non
     return [*torchrun, f"--nproc-per-node={stage.nproc_per_node}", "-m", stage.module, *args]
 
 
-class _StageLock:
-    """An exclusive flock on <stage_dir>/.lock so two applies never run the same stage at once."""
+class _Lock:
+    """An exclusive flock on <directory>/.lock (a run or a stage) so two applies never run it at once.
+    The lock file holds the owner's pid for the error message; the kernel drops the lock when the owner dies."""
 
-    def __init__(self, stage_dir):
-        self.path = os.path.join(stage_dir, ".lock")
-        self.f = None
+    def __init__(self, directory, what):
+        self.path, self.what, self.f = os.path.join(directory, ".lock"), what, None
 
     def __enter__(self):
         self.f = open(self.path, "a+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            self.f.seek(0)
+            owner = self.f.read().strip()
             self.f.close()
-            raise LaunchError(f"{os.path.dirname(self.path)} is being run by another nanorun apply") from None
+            raise LaunchError(f"{self.what} is being run by another nanorun apply"
+                              f"{f' (pid {owner})' if owner else ''}; wait for it or stop it first") from None
+        self.f.seek(0)
+        self.f.truncate()
+        self.f.write(f"{os.getpid()}\n")
+        self.f.flush()
         return self
 
     def __exit__(self, *exc):
         fcntl.flock(self.f, fcntl.LOCK_UN)
         self.f.close()
+
+
+def _die_with_parent_fn():
+    """A preexec_fn for stages: Linux sends the stage SIGTERM when this apply dies (even by SIGKILL), and
+    torchrun passes SIGTERM on to its workers, so no trainer outlives a crashed apply and races the next one.
+    None where prctl is unavailable (the leftover-process check below still guards the next apply)."""
+    try:
+        import ctypes
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: after fork only the call runs
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def die_with_parent():
+        prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the apply died before prctl took effect
+            os._exit(1)
+    return die_with_parent
+
+
+def _stage_processes(config_path):
+    """Pids of live processes launched with `--config config_path` (a stage's launcher and its workers),
+    read from /proc; [] where there is no /proc."""
+    pids = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return pids
+    needle = ["--config", config_path]
+    for entry in entries:
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+            with open(f"/proc/{entry}/stat") as f:
+                zombie = f.read().rsplit(")", 1)[-1].split()[0] == "Z"
+        except OSError:
+            continue
+        if not zombie and any(argv[i:i + 2] == needle for i in range(len(argv) - 1)):
+            pids.append(int(entry))
+    return pids
+
+
+def _wait_for_leftovers(stage_name, config_path, echo, timeout=60.0):
+    """Processes of this stage that outlived an earlier apply (killed mid-stage) must be gone before we
+    resume in the same directory; they are given `timeout` seconds to finish dying."""
+    deadline, told = time.time() + timeout, False
+    while True:
+        pids = _stage_processes(config_path)
+        if not pids:
+            return
+        if time.time() > deadline:
+            raise LaunchError(f"stage {stage_name}: processes {pids} of an earlier apply still run with "
+                              f"--config {config_path}; stop them (kill {' '.join(map(str, pids))}) and apply again")
+        if not told:
+            echo(f"[{stage_name}] waiting for {len(pids)} leftover process(es) of an earlier apply to exit")
+            told = True
+        time.sleep(0.2)
 
 
 def _run_subprocess(cmd, env, log_path, echo, prefix):
@@ -132,7 +202,7 @@ def _run_subprocess(cmd, env, log_path, echo, prefix):
     with open(log_path, "a", buffering=1) as log:
         log.write(f"\n$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                bufsize=1, start_new_session=True)
+                                bufsize=1, start_new_session=True, preexec_fn=_die_with_parent_fn())
 
         def forward(signum, _frame):
             try:
@@ -186,13 +256,99 @@ def _stage_env(stage):
     return env
 
 
+def _position(spec_path, keys):
+    """'FILE:LINE:COL' of the YAML node at `keys` (mapping keys and list indexes) in the spec file; FILE
+    alone when the node cannot be found (the spec was edited since it was loaded)."""
+    import yaml
+    try:
+        with open(spec_path) as f:
+            node = yaml.compose(f)
+        for k in keys:
+            if isinstance(node, yaml.MappingNode):
+                node = next(value for key, value in node.value if key.value == k)
+            else:
+                node = node.value[k]
+        return f"{spec_path}:{node.start_mark.line + 1}:{node.start_mark.column + 1}"
+    except (OSError, yaml.YAMLError, StopIteration, IndexError, AttributeError, TypeError):
+        return spec_path
+
+
+def check_local_data(plan, spec_path=None, home=None):
+    """Pre-flight: every local data path (`text` / `parquet` sources) exists, so a typo fails in a second with
+    one line pointing at the spec instead of after the plan starts. Skipped when the data stage is done.
+    Paths are checked as the data stage will read them (relative to the current directory)."""
+    if not any(s.name == "data" for s in plan.stages):
+        return
+    data = plan.stage("data")
+    if stage_state(data.stage_dir(home)) == "done":
+        return
+    entries = [(("train", i), e) for i, e in enumerate(data.params.get("train") or [])]
+    if data.params.get("val"):
+        entries.append((("val",), data.params["val"]))
+    problems = []
+    for keys, entry in entries:
+        source, path = entry.get("source"), entry.get("path")
+        if source not in ("text", "parquet") or not path:
+            continue
+        field = "data." + keys[0] + (f"[{keys[1]}]" if len(keys) > 1 else "") + ".path"
+        if not os.path.exists(path):
+            why = f"{path} does not exist"
+        elif not os.path.isdir(path):
+            why = f"{path} is not a directory (source {source!r} reads the {'.txt/.md' if source == 'text' else '.parquet'} files in a folder)"
+        else:
+            continue
+        where = _position(spec_path, ["data", *keys, "path"]) if spec_path else plan.spec.name
+        problems.append(f"{where}: {field}: {why}")
+    if problems:
+        raise SpecError(problems)
+
+
+def _interrupt_on_sigterm():
+    """SIGTERM (a scheduler, `kill`) ends an apply like Ctrl-C does: recorded as interrupted, nothing lost.
+    Returns the previous handler, or None when not on the main thread (signals cannot be set there)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
+
+
+def _load_or_new_record(plan, home, spec_path, echo):
+    rdir = run_dir(plan, home)
+    for name in os.listdir(rdir):  # temp files of a write that a killed apply never finished
+        if name.startswith("run.json.tmp."):
+            os.remove(os.path.join(rdir, name))
+    try:
+        record = load_run_record(plan, home)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        bad = os.path.join(rdir, f"run.json.corrupt-{int(time.time())}")
+        os.replace(os.path.join(rdir, "run.json"), bad)
+        echo(f"warning: {bad}: unreadable run record set aside; starting a new one (stage outputs are kept)")
+        record = None
+    return record or _new_run_record(plan, home, spec_path)
+
+
 def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv_endpoint=None, on_update=None):
     """Run every stage of the plan that is not done yet. Returns the final run record.
-    on_update(record) is called after each stage (the CLI ingests into the registry there)."""
+    on_update(record) is called after each stage (the CLI ingests into the registry there).
+    Raises SpecError for a missing local data path, LaunchError when another apply runs this run or one of
+    its stages, or when a stage fails; KeyboardInterrupt (also on SIGTERM) after recording the run as interrupted."""
     home = home or get_home()
+    check_local_data(plan, spec_path, home)
     rdir = run_dir(plan, home)
     os.makedirs(rdir, exist_ok=True)
-    record = load_run_record(plan, home) or _new_run_record(plan, home, spec_path)
+    old_handler = _interrupt_on_sigterm()
+    try:
+        with _Lock(rdir, f"run {plan.run_id}"):
+            return _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update)
+    finally:
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+
+
+def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update):
+    record = _load_or_new_record(plan, home, spec_path, echo)
     # the plan may have grown (new stages) since the last apply: keep recorded stage history by key
     old = {s["key"]: s for s in record.get("stages", [])}
     record["stages"] = [old.get(s.key) or {"stage": s.name, "key": s.key, "dir": s.stage_dir(home), "status": "pending",
@@ -201,7 +357,7 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
     record["plan"] = plan.to_json()
     record["applies"] = record.get("applies", 0) + 1
     record["status"], record["started_at"], record["finished_at"] = "running", record["started_at"] or time.time(), None
-    run_json = os.path.join(rdir, "run.json")
+    run_json = os.path.join(run_dir(plan, home), "run.json")
     _atomic_write_json(run_json, record)
 
     def save(stage_rec=None, **fields):
@@ -211,19 +367,33 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
         if on_update:
             on_update(record)
 
+    def finish(status, error=None):
+        """Close the record: stages still marked running get `status` too."""
+        now = time.time()
+        for srec in record["stages"]:
+            if srec["status"] == "running":
+                srec.update(status=status, finished_at=now, error=error)
+        record["status"], record["finished_at"] = status, now
+        save()
+
     try:
         for stage, srec in zip(plan.stages, record["stages"]):
             sdir = stage.stage_dir(home)
-            state = stage_state(sdir)
-            if state == "done":
+            if stage_state(sdir) == "done":
                 if srec["status"] != "success":
                     save(srec, status="cached")
                 echo(f"[{stage.name}] done ({stage.dir_name}), skipping")
                 continue
             os.makedirs(sdir, exist_ok=True)
-            with _StageLock(sdir):
+            with _Lock(sdir, f"stage {stage.name} ({sdir})"):
+                state = stage_state(sdir)  # again, under the lock: another run sharing this stage may have finished it
+                if state == "done":
+                    save(srec, status="cached")
+                    echo(f"[{stage.name}] done ({stage.dir_name}), skipping")
+                    continue
                 config = {**stage.params, **stage_inputs(plan, stage, home), "out_dir": sdir}
                 config_path = os.path.join(sdir, "config.json")
+                _wait_for_leftovers(stage.name, config_path, echo)
                 _atomic_write_json(config_path, config)
                 cmd = stage_command(stage, config_path, sdir, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
                 echo(f"[{stage.name}] {'resuming' if state == 'partial' else 'starting'} in {sdir}")
@@ -234,18 +404,17 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
                 wall = time.time() - t0
                 if code != 0 or stage_state(sdir) != "done":
                     err = _error_line(tail) or f"exit code {code}"
-                    save(srec, status="failed", finished_at=time.time(), wall_seconds=wall, exit_code=code, error=err)
-                    record["status"], record["finished_at"] = "failed", time.time()
-                    save()
+                    srec.update(wall_seconds=wall, exit_code=code)
+                    finish("failed", err)
                     raise LaunchError(f"stage {stage.name} failed (exit {code}): {err.strip()} "
                                       f"[log: {os.path.join(sdir, 'stdout.log')}]")
                 save(srec, status="success", finished_at=time.time(), wall_seconds=wall, exit_code=0)
     except KeyboardInterrupt:
-        for srec in record["stages"]:
-            if srec["status"] == "running":
-                srec.update(status="interrupted", finished_at=time.time())
-        record["status"], record["finished_at"] = "interrupted", time.time()
-        save()
+        finish("interrupted")
+        raise
+    except BaseException as e:  # a busy stage lock, leftover processes, or a bug: never leave "running" behind
+        if record["status"] == "running":
+            finish("failed", str(e))
         raise
     record["status"], record["finished_at"] = "success", time.time()
     save()
