@@ -110,10 +110,12 @@ def stage_command(stage, config_path, out_dir, *, node_rank=0, rdzv_endpoint=Non
 
 class _Lock:
     """An exclusive flock on <directory>/.lock (a run or a stage) so two applies never run it at once.
-    The lock file holds the owner's pid for the error message; the kernel drops the lock when the owner dies."""
+    The lock file holds the owner's pid for the error message; the kernel drops the lock when the owner dies.
+    Each node of a multi-node apply (same run, shared $NANORUN_HOME) takes its own lock file."""
 
-    def __init__(self, directory, what):
-        self.path, self.what, self.f = os.path.join(directory, ".lock"), what, None
+    def __init__(self, directory, what, node_rank=0):
+        name = ".lock" if node_rank == 0 else f".lock-node{node_rank}"
+        self.path, self.what, self.f = os.path.join(directory, name), what, None
 
     def __enter__(self):
         self.f = open(self.path, "a+")
@@ -340,7 +342,7 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
     os.makedirs(rdir, exist_ok=True)
     old_handler = _interrupt_on_sigterm()
     try:
-        with _Lock(rdir, f"run {plan.run_id}"):
+        with _Lock(rdir, f"run {plan.run_id}", node_rank):
             return _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update)
     finally:
         if old_handler is not None:
@@ -356,6 +358,8 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
                                            "exit_code": None, "error": None} for s in plan.stages]
     record["plan"] = plan.to_json()
     record["applies"] = record.get("applies", 0) + 1
+    # who is applying: a reader seeing status "running" can tell a live apply from one that was killed
+    record["apply_pid"], record["apply_host"] = os.getpid(), socket.gethostname()
     record["status"], record["started_at"], record["finished_at"] = "running", record["started_at"] or time.time(), None
     run_json = os.path.join(run_dir(plan, home), "run.json")
     _atomic_write_json(run_json, record)
@@ -385,7 +389,7 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
                 echo(f"[{stage.name}] done ({stage.dir_name}), skipping")
                 continue
             os.makedirs(sdir, exist_ok=True)
-            with _Lock(sdir, f"stage {stage.name} ({sdir})"):
+            with _Lock(sdir, f"stage {stage.name} ({sdir})", node_rank):
                 state = stage_state(sdir)  # again, under the lock: another run sharing this stage may have finished it
                 if state == "done":
                     save(srec, status="cached")

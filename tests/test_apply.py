@@ -274,7 +274,8 @@ def test_killed_apply_resumes_base_train_exactly(how, applied, corpus, tmp_path)
     else:
         os.killpg(proc.pid, signal.SIGKILL)  # a crash: the apply gets no chance to clean up
         proc.wait(timeout=30)
-        assert read_run(home, run_id)["status"] == "running"  # stale, but complete JSON
+        stale = read_run(home, run_id)  # complete JSON; "running", with the pid a reader can check is gone
+        assert stale["status"] == "running" and stale["apply_pid"] == proc.pid
     # the stage's processes (torchrun and its worker) do not outlive the apply
     config_path = os.path.join(dirs["base_train"], "config.json")
     deadline = time.time() + 60
@@ -424,3 +425,21 @@ def test_apply_waits_for_leftover_processes_of_a_stage(corpus, tmp_path):
         leftover.kill()
         leftover.wait()
     assert read_run(home, run_id)["status"] == "success"
+
+
+def test_apply_sets_aside_an_unreadable_run_record(corpus, tmp_path):
+    home = str(tmp_path / "home")
+    spec_path = write_spec(tmp_path / "data_only.yaml", corpus, "[data]")
+    run_id, dirs = stage_dirs(spec_path, home)
+    rdir = os.path.join(home, "runs", run_id)
+    os.makedirs(rdir)
+    with open(os.path.join(rdir, "run.json"), "w") as f:
+        f.write('{"run_id": "' + run_id + '", "stat')  # torn by a full disk or an editor crash
+    with open(os.path.join(rdir, "run.json.tmp.12345"), "w") as f:
+        f.write("{")  # the temp file of a write a killed apply never finished
+    proc = nanorun(["apply", spec_path, "--yes"], home, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "unreadable run record set aside" in proc.stdout
+    assert read_run(home, run_id)["status"] == "success"
+    left = sorted(os.listdir(rdir))
+    assert [n for n in left if n.startswith("run.json.corrupt-")] and "run.json.tmp.12345" not in left
