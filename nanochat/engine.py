@@ -1,16 +1,21 @@
 """
-Inference engine: a KV cache, token sampling and batched streaming generation (reference section 10).
+Inference engine: a KV cache, token sampling, batched streaming generation with the calculator tool, and
+context-overflow trimming (reference section 10).
 
     engine = Engine(model, tokenizer)
     for token_column, token_masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
-        ...                                   # one token per sample per step
+        ...                                   # one token per sample per step; mask 0 = forced (tool output)
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
+    ids, kept = fit_conversation(tokenizer, messages, prompt_budget(model.config.sequence_len, 256))
 
 The prompt is prefilled once at batch 1; its cache is copied into a num_samples-row decode cache, and every
 step runs a single-token forward. A row stops at "<|assistant_end|>" (if the tokenizer has it) or "<|bos|>".
-Forced tokens (a row's `forced` queue) are where tool outputs (the calculator, a later issue) will be injected.
+Tool use: tokens between <|python_start|> and <|python_end|> are decoded and given to use_calculator(); a
+result is forced into the row as <|output_start|> str(result) <|output_end|> (mask 0: not sampled).
 """
 
+import ast
+import math
 from collections import deque
 
 import torch
@@ -18,6 +23,152 @@ import torch.nn.functional as F
 
 from nanochat.common import COMPUTE_DTYPE
 
+# -----------------------------------------------------------------------------
+# The calculator tool. Never eval(): the expression is parsed with `ast` and only a small tree of numbers,
+# arithmetic and "literal".count("literal") is walked. ** is rejected (as the reference does) so that no
+# expression can build a huge number; MAX_MAGNITUDE guards what multiplication can still reach.
+
+MAX_EXPR_CHARS = 1000
+MAX_MAGNITUDE = 10 ** 30
+MAX_STRING_CHARS = 10_000
+
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+}
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Rejected(f"not a number: {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Rejected("not finite")
+    if abs(value) > MAX_MAGNITUDE:
+        raise _Rejected("number too large")
+    return value
+
+
+def _string(node):
+    if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+        raise _Rejected("count() takes string literals only")
+    if len(node.value) > MAX_STRING_CHARS:
+        raise _Rejected("string too long")
+    return node.value
+
+
+def _evaluate(node):
+    if isinstance(node, ast.Expression):
+        return _evaluate(node.body)
+    if isinstance(node, ast.Constant):
+        return _number(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _evaluate(node.operand)
+        return _number(-value if isinstance(node.op, ast.USub) else value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _evaluate(node.left), _evaluate(node.right)
+        return _number(_BINOPS[type(node.op)](left, right))
+    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "count"
+            and len(node.args) == 1 and not node.keywords):
+        return _string(node.func.value).count(_string(node.args[0]))   # "strawberry".count("r")
+    raise _Rejected(f"{type(node).__name__} is not allowed")
+
+
+def use_calculator(expr):
+    """Evaluate a calculator expression the model wrote; the result (int or float) or None when rejected.
+    Allowed: numbers, + - * / // %, unary minus, parentheses, and "text".count("t"). Commas are dropped
+    first (the model writes 1,234). Rejected: **, names, calls other than .count on literals, attribute
+    access, huge numbers, division by zero."""
+    expr = expr.replace(",", "").strip()
+    if not expr or len(expr) > MAX_EXPR_CHARS or "**" in expr:
+        return None
+    try:
+        return _evaluate(ast.parse(expr, mode="eval"))
+    except (_Rejected, SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError, MemoryError):
+        return None
+
+
+# -----------------------------------------------------------------------------
+# Context overflow. A chat grows with every turn; a prompt that does not leave room for the reply inside the
+# model's sequence_len is trimmed by dropping the OLDEST whole turns (BOS and the newest user turn stay), and
+# only when the newest turn alone is too long is it cut from the left.
+
+def prompt_budget(sequence_len, max_tokens):
+    """Tokens a prompt may take so that prompt + max_tokens fits in sequence_len; at least half the context
+    stays for the prompt (a longer reply is then cut at sequence_len by the engine)."""
+    return max(sequence_len - (max_tokens or 0), sequence_len // 2, 1)
+
+
+def trim_tokens(tokens, budget, bos=None, turn_start=None):
+    """A token list cut to at most `budget` tokens. A leading `bos` is kept. With `turn_start` (the id of
+    <|user_start|>), whole turns are dropped oldest first: the result restarts at the first turn_start that
+    leaves it short enough. Without one, or when the last turn alone is too long, the oldest tokens go (and
+    turn_start is put back at the front so the turn still reads as one)."""
+    tokens = list(tokens)
+    if len(tokens) <= budget:
+        return tokens
+    head = tokens[:1] if bos is not None and tokens and tokens[0] == bos else []
+    if turn_start is not None:
+        for i in range(len(head), len(tokens)):
+            if tokens[i] == turn_start and len(head) + len(tokens) - i <= budget:
+                return head + tokens[i:]
+        head = head + [turn_start]
+    keep = max(budget - len(head), 0)
+    return head[:budget] + (tokens[-keep:] if keep else [])
+
+
+def fit_conversation(tokenizer, conversation, budget):
+    """Render a chat for the next assistant reply within `budget` tokens. conversation: {"messages": [...]}
+    or the list, ending with the user's message (a trailing empty assistant placeholder is fine). The
+    oldest user/assistant pairs are dropped until it fits (a leading system message is kept); returns
+    (prompt_ids ending in <|assistant_start|>, the messages kept)."""
+    messages = list(conversation["messages"] if isinstance(conversation, dict) else conversation)
+    if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages = messages[:-1]
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("fit_conversation: the conversation must end with a user message")
+    system = messages[:1] if messages[0]["role"] == "system" else []
+    turns = messages[len(system):]
+    while True:
+        kept = system + turns
+        ids = tokenizer.render_for_completion({"messages": kept + [{"role": "assistant", "content": ""}]})
+        if len(ids) <= budget or len(turns) <= 1:
+            break
+        turns = turns[2:]   # the oldest user message and the assistant's answer to it
+    if len(ids) > budget:   # the newest turn alone is too long: keep its end (the question is usually there)
+        ids = trim_tokens(ids, budget, tokenizer.get_bos_token_id(), tokenizer.encode_special("<|user_start|>"))
+    return ids, kept
+
+
+class TextStream:
+    """UTF-8 safe incremental decoding: push(token) returns the new text, or "" while the tokens so far end
+    inside a multi-byte character (the decoded text then ends with U+FFFD, which is held back)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.tokens = []
+        self.printed = 0    # characters of the decoded text already returned
+
+    def push(self, token):
+        self.tokens.append(int(token))
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.printed = text[self.printed:], len(text)
+        return new
+
+    def text(self):
+        return self.tokenizer.decode(self.tokens)
+
+
+# -----------------------------------------------------------------------------
 
 class KVCache:
     """k_cache/v_cache (L, B, T_max, Hkv, D); cache_seqlens int32 (B,) (one position for every row);
@@ -81,32 +232,67 @@ class RowState:
     def __init__(self, tokens):
         self.tokens = list(tokens)   # prompt + generated so far
         self.forced = deque()        # tokens to emit next regardless of sampling (tool outputs)
+        self.in_python = False       # between <|python_start|> and <|python_end|>
+        self.python_tokens = []      # the calculator expression being written
         self.completed = False
+
+
+def _special(tokenizer, name):
+    """A special token's id, or None when the tokenizer does not have it (tool use is then off)."""
+    try:
+        return tokenizer.encode_special(name)
+    except (KeyError, ValueError):
+        return None
 
 
 class Engine:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
+        names = ("<|assistant_end|>", "<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+                 "<|user_start|>")
+        self.special = {name: _special(tokenizer, name) for name in names}
 
     def _stop_tokens(self):
         stops = {self.tokenizer.get_bos_token_id()}
-        try:
-            stops.add(self.tokenizer.encode_special("<|assistant_end|>"))
-        except (KeyError, ValueError):
-            pass
+        if self.special["<|assistant_end|>"] is not None:
+            stops.add(self.special["<|assistant_end|>"])
         return stops
+
+    def _tool_step(self, row, token):
+        """Advance a row's calculator state machine with the token it just emitted."""
+        sp = self.special
+        if sp["<|python_start|>"] is None or sp["<|output_start|>"] is None:
+            return
+        if token == sp["<|python_start|>"]:
+            row.in_python, row.python_tokens = True, []
+        elif token == sp["<|python_end|>"] and row.in_python:
+            row.in_python = False
+            result = use_calculator(self.tokenizer.decode(row.python_tokens))
+            if result is not None:
+                row.forced.extend([sp["<|output_start|>"], *self.tokenizer.encode(str(result)),
+                                   sp["<|output_end|>"]])
+        elif row.in_python:
+            row.python_tokens.append(token)
 
     @torch.no_grad()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yields (token_column, token_masks): lists of length num_samples per step; mask 1 = sampled,
-        0 = forced. Stops at max_tokens, at the model's sequence_len, or when every row hit a stop token."""
+        0 = forced (calculator output). Stops at max_tokens (sequence_len when None), at the end of the model's
+        position table, or when every row hit a stop token. A prompt too long for the position table is
+        trimmed with trim_tokens (oldest turns first) instead of failing."""
         if not tokens:
             raise ValueError("Engine.generate: the prompt must contain at least one token")
         model = self.model
         device = model.lm_head.weight.device
         rng = torch.Generator(device=device).manual_seed(seed)
         stops = self._stop_tokens()
+        sequence_len = model.config.sequence_len
+        max_positions = getattr(model, "rotary_seq_len", None) or 10 * sequence_len  # the model raises past it
+        tokens = list(tokens)
+        if len(tokens) >= max_positions:
+            tokens = trim_tokens(tokens, prompt_budget(sequence_len, max_tokens), self.tokenizer.get_bos_token_id(),
+                                 self.special["<|user_start|>"])
 
         # 1. prefill the prompt once at batch 1
         prefill_cache = KVCache.for_model(model, 1, len(tokens))
@@ -114,8 +300,8 @@ class Engine:
         logits = model(ids, kv_cache=prefill_cache)[:, -1, :].expand(num_samples, -1)   # (num_samples, V)
 
         # 2. a decode cache for every sample, seeded with the prompt
-        limit = model.config.sequence_len if max_tokens is None else len(tokens) + max_tokens
-        cache = KVCache.for_model(model, num_samples, max(limit, len(tokens)))
+        limit = sequence_len if max_tokens is None else len(tokens) + max_tokens
+        cache = KVCache.for_model(model, num_samples, min(max(limit, len(tokens)), max_positions))
         cache.prefill(prefill_cache)
         del prefill_cache
 
@@ -136,17 +322,17 @@ class Engine:
                 row.tokens.append(nxt)
                 if nxt in stops:
                     row.completed = True
-                # (tool use hooks in here: watch for <|python_start|>/<|python_end|> and queue outputs)
+                self._tool_step(row, nxt)
             generated += 1
             yield column, masks
-            if cache.get_pos() >= cache.k_cache.size(2):
+            if cache.get_pos() >= cache.k_cache.size(2) or all(r.completed for r in rows):
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
             logits = model(ids, kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), per row the prompt + generated tokens without the stop
-        token, and the matching masks (0 for prompt tokens)."""
+        token, and the matching masks (0 for prompt tokens and tool outputs)."""
         stops = self._stop_tokens()
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
