@@ -296,7 +296,8 @@ def check_local_data(plan, spec_path=None, home=None):
         if not os.path.exists(path):
             why = f"{path} does not exist"
         elif not os.path.isdir(path):
-            why = f"{path} is not a directory (source {source!r} reads the {'.txt/.md' if source == 'text' else '.parquet'} files in a folder)"
+            kind = ".txt/.md" if source == "text" else ".parquet"
+            why = f"{path} is not a directory (source {source!r} reads the {kind} files in a folder)"
         else:
             continue
         where = _position(spec_path, ["data", *keys, "path"]) if spec_path else plan.spec.name
