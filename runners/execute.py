@@ -253,8 +253,7 @@ def _stage_env(stage):
     else:
         env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
-    if stage.params.get("dtype"):
-        env["NANOCHAT_DTYPE"] = stage.params["dtype"]
+    env.update(stage.env)  # e.g. NANOCHAT_DTYPE from the spec: part of the stage key
     return env
 
 

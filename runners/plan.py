@@ -48,6 +48,7 @@ class StagePlan:
     nproc_per_node: int
     nnodes: int
     estimate: dict = field(default_factory=dict)
+    env: dict = field(default_factory=dict)  # environment the stage runs with (part of its key)
 
     @property
     def dir_name(self):
@@ -76,7 +77,7 @@ class Plan:
             "run_id": self.run_id, "spec_name": self.spec.name, "spec_hash": self.spec_hash,
             "derived": self.derived,
             "stages": [{"stage": s.name, "key": s.key, "dir_name": s.dir_name, "upstream": list(s.upstream),
-                        "nproc_per_node": s.nproc_per_node, "nnodes": s.nnodes, "params": s.params,
+                        "nproc_per_node": s.nproc_per_node, "nnodes": s.nnodes, "params": s.params, "env": s.env,
                         "estimate": s.estimate} for s in self.stages],
             "totals": {
                 "flops": sum(s.estimate.get("flops", 0) for s in self.stages),
@@ -86,8 +87,10 @@ class Plan:
         }
 
 
-def stage_key(name, params, upstream_keys):
+def stage_key(name, params, upstream_keys, env=None):
     payload = {"stage": name, "version": STAGE_VERSIONS[name], "params": params, "upstream": list(upstream_keys)}
+    if env:
+        payload["env"] = env
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -178,11 +181,14 @@ def make_plan(spec):
     for name in names:
         params = _stage_params(spec, name, derived)
         upstream = tuple(u for u in STAGE_UPSTREAM[name] if u in keys)
-        key = stage_key(name, params, [keys[u] for u in upstream])
+        # the compute dtype applies to every torch stage (the model trained in bf16 is evaluated in bf16)
+        env = {"NANOCHAT_DTYPE": spec.train.dtype} if spec.train.dtype and name in MULTI_PROCESS_STAGES else {}
+        key = stage_key(name, params, [keys[u] for u in upstream], env)
         keys[name] = key
         nproc, nnodes = _world(spec, name)
         stages.append(StagePlan(name=name, module=f"nanochat.stages.{name}", params=params, upstream=upstream,
-                                key=key, nproc_per_node=nproc, nnodes=nnodes, estimate=_estimate(spec, name, derived)))
+                                key=key, nproc_per_node=nproc, nnodes=nnodes, estimate=_estimate(spec, name, derived),
+                                env=env))
     h = spec_hash(spec)
     return Plan(spec=spec, run_id=f"{spec.name}-{h[:8]}", spec_hash=h, stages=stages, derived=derived)
 
