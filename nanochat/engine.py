@@ -164,6 +164,12 @@ class TextStream:
         new, self.printed = text[self.printed:], len(text)
         return new
 
+    def flush(self):
+        """What is still held back once generation ended (an incomplete character decodes as U+FFFD)."""
+        text = self.tokenizer.decode(self.tokens)
+        rest, self.printed = text[self.printed:], len(text)
+        return rest
+
     def text(self):
         return self.tokenizer.decode(self.tokens)
 

@@ -294,3 +294,6 @@ def test_text_stream_holds_back_partial_utf8():
     assert "".join(pieces) == text == stream.text()
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[text.encode().index("\u2603".encode()) + 1] == ""     # mid-character: nothing yet
+    assert stream.flush() == ""
+    cut = TextStream(ByteTokenizer())
+    assert cut.push(ord("a")) == "a" and cut.push(0xE2) == "" and cut.flush() == "\ufffd"  # ended mid-character
