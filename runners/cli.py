@@ -37,6 +37,7 @@ def _register():
     # command modules register themselves on `main`; imported here so each stays a small file
     from runners import cli_registry, cli_run, cli_tui  # noqa: F401
     from runners import cli_chat  # noqa: F401
+    from runners import cli_data, cli_eval  # noqa: F401
 
 
 _register()
