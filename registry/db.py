@@ -65,8 +65,12 @@ _V1_TABLES = [
 # Stages log slash names (val/bpb, train/loss, core/metric); older trees used underscores: both are accepted.
 _VIEWS = [
     f"""CREATE OR REPLACE VIEW run_summary AS
-    WITH last_stage AS (
-        SELECT run_id, stage, arg_max(key, idx) AS key FROM stages GROUP BY run_id, stage),
+    WITH last_stage AS (  -- for base_eval: the newest one that produced CORE (a later bpb-only eval must not hide it)
+        SELECT s.run_id, s.stage, coalesce(arg_max(s.key, s.idx) FILTER (WHERE c.key IS NOT NULL),
+                                           arg_max(s.key, s.idx)) AS key
+        FROM stages s LEFT JOIN (SELECT DISTINCT key FROM stage_results WHERE name = 'core_metric') c
+            ON c.key = s.key AND s.stage = 'base_eval'
+        GROUP BY s.run_id, s.stage),
     key_time AS (  -- per stage key, from whichever run really ran it (a cached stage row has no times)
         SELECT key, max(wall_seconds) AS wall_seconds, max(finished_at - started_at) AS span,
             max(started_at) AS started_at FROM stages GROUP BY key),
@@ -146,6 +150,7 @@ _VIEWS = [
 MIGRATIONS = [
     _V1_TABLES,
     _VIEWS,   # v2: CORE task counts without the aggregate event, slash metric names, train wall time, cost NULL at $0
+    _VIEWS,   # v3: run_summary takes CORE from the newest base_eval that computed it (ad-hoc `nanorun eval` runs)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -356,6 +356,9 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
     record["stages"] = [old.get(s.key) or {"stage": s.name, "key": s.key, "dir": s.stage_dir(home), "status": "pending",
                                            "started_at": None, "finished_at": None, "wall_seconds": None,
                                            "exit_code": None, "error": None} for s in plan.stages]
+    # evaluations added later by `nanorun eval` belong to the run too; they come after the planned stages
+    planned = {s.key for s in plan.stages}
+    record["stages"] += [s for s in old.values() if s.get("adhoc") and s["key"] not in planned]
     record["plan"] = plan.to_json()
     record["applies"] = record.get("applies", 0) + 1
     # who is applying: a reader seeing status "running" can tell a live apply from one that was killed
