@@ -205,3 +205,28 @@ def write_result(out_dir, stage, metrics, outputs=None, **extra):
               "metrics": metrics, "outputs": outputs or {}, **extra}
     atomic_write_json(os.path.join(out_dir, "result.json"), result)
     return result
+
+
+# -----------------------------------------------------------------------------
+# Stage arguments: reference-style flags, plus --config FILE (what the runner writes) whose keys are argparse
+# dest names. The config installs defaults, then the command line is parsed again so explicit flags win.
+
+
+def parse_args_with_config(parser, argv=None, ignore=()):
+    """Parse argv with `parser`, taking defaults from --config JSON. Unknown config keys (other than `ignore`)
+    are a one-line error with exit status 2 (argparse's error())."""
+    args, _ = parser.parse_known_args(argv)
+    if getattr(args, "config", None):
+        try:
+            with open(args.config) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            parser.error(f"--config {args.config}: {e}")
+        if not isinstance(config, dict):
+            parser.error(f"--config {args.config}: expected a JSON object of flag values")
+        dests = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - dests - set(ignore))
+        if unknown:
+            parser.error(f"--config {args.config}: unknown keys {unknown} (use argparse dest names)")
+        parser.set_defaults(**{k: v for k, v in config.items() if k in dests and k != "config"})
+    return parser.parse_args(argv)

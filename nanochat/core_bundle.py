@@ -19,7 +19,6 @@ import csv
 import gzip
 import hashlib
 import http.client
-import io
 import json
 import os
 import random

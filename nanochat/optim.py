@@ -256,7 +256,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("MuonAdamW does not take a closure")
-        W, rank = self.world_size, self.rank
+        W = self.world_size
         avg = dist.ReduceOp.AVG if W > 1 else None
         # phase 1: launch every reduction; a job is (group, param or None, reduced grad, pending work)
         jobs = []

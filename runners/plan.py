@@ -31,7 +31,8 @@ MULTI_PROCESS_STAGES = {"base_train", "base_eval", "sft", "rl", "chat_eval"}
 
 # Planning assumptions for the time estimate (the real figures come from the run and land in the registry).
 ASSUMED_GPU_MFU = 0.45        # reference: ~41% at d12, ~59% at d24 on 8xH100
-ASSUMED_CPU_FLOPS = 4.0e10    # achieved training FLOP/s of a d4 model on a 2-core CPU (reference: ~1270 tok/s fp32)
+# achieved training FLOP/s per CPU node, measured on the 2-core dev machine at d4/seq 512 (bench/RESULTS.md)
+ASSUMED_CPU_FLOPS = {"float32": 7.5e10, "bfloat16": 1.8e11}
 
 
 def get_home():
@@ -166,7 +167,7 @@ def _estimate(spec, name, derived):
         return {}
     flops = derived["total_flops"]
     if _device_type(spec) == "cpu":
-        rate = ASSUMED_CPU_FLOPS * hw.nodes * hw.gpus_per_node
+        rate = ASSUMED_CPU_FLOPS.get(spec.train.dtype or "float32", ASSUMED_CPU_FLOPS["float32"]) * hw.nodes
     else:
         rate = get_peak_flops(hw.gpu) * ASSUMED_GPU_MFU * hw.nodes * hw.gpus_per_node
     seconds = flops / rate if rate != float("inf") else 0.0

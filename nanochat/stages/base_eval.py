@@ -12,8 +12,6 @@ Outputs in --out-dir: events.jsonl, core_{step:06d}.csv, result.json (written la
 """
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -43,21 +41,8 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        try:
-            with open(args.config) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {args.config}: {e}")
-        if not isinstance(config, dict):
-            parser.error(f"--config {args.config}: expected a JSON object of flag values")
-        dests = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - dests)
-        if unknown:
-            parser.error(f"--config {args.config}: unknown keys {unknown} (use argparse dest names)")
-        parser.set_defaults(**{k: v for k, v in config.items() if k != "config"})
-    args = parser.parse_args(argv)
+    from nanochat.common import parse_args_with_config
+    args = parse_args_with_config(parser, argv)
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     bad = sorted(set(args.evals) - {"core", "bpb", "sample"})
     if bad:

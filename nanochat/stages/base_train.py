@@ -19,7 +19,6 @@ changes (another device batch size) is the data resume approximate (a warning sa
 
 import argparse
 import gc
-import json
 import math
 import os
 import time
@@ -88,21 +87,8 @@ def parse_args(argv=None):
     """Two passes: read --config, install its values as defaults, then parse again so flags win.
     Bad input exits with status 2 and a one-line message (argparse's error())."""
     parser = build_parser()
-    args, _ = parser.parse_known_args(argv)
-    if args.config:
-        try:
-            with open(args.config) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {args.config}: {e}")
-        if not isinstance(config, dict):
-            parser.error(f"--config {args.config}: expected a JSON object of flag values")
-        dests = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - dests - INFORMATIVE_CONFIG_KEYS)
-        if unknown:
-            parser.error(f"--config {args.config}: unknown keys {unknown} (use argparse dest names, e.g. 'depth')")
-        parser.set_defaults(**{k: v for k, v in config.items() if k in dests and k != "config"})
-    args = parser.parse_args(argv)
+    from nanochat.common import parse_args_with_config
+    args = parse_args_with_config(parser, argv, ignore=INFORMATIVE_CONFIG_KEYS)
     for name in ("data_dir", "tokenizer_dir"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")

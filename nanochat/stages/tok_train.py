@@ -12,14 +12,13 @@ OUT/events.jsonl and OUT/result.json with bytes_per_token measured on the val sp
 
 import argparse
 import itertools
-import json
 import os
 import sys
 import time
 
 import pyarrow.parquet as pq
 
-from nanochat.common import EventLog, get_dist_info, write_result
+from nanochat.common import EventLog, get_dist_info, parse_args_with_config, write_result
 from nanochat.dataloader import read_data_dir
 from nanochat.tokenizer import Tokenizer, train_tokenizer
 
@@ -71,16 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-chars", type=int, default=2_000_000_000)
     parser.add_argument("--doc-cap", type=int, default=10_000)
     parser.add_argument("--val-chars", type=int, default=10_000_000, help="val chars for bytes_per_token")
-    args = parser.parse_args(argv)
-    if args.config:
-        with open(args.config) as f:
-            config = json.load(f)
-        dests = {a.dest for a in parser._actions}
-        unknown = sorted(set(config) - dests)
-        if unknown:
-            print(f"tok_train: ignoring unknown config keys {unknown}", file=sys.stderr)
-        parser.set_defaults(**{k: v for k, v in config.items() if k in dests and k != "config"})
-        args = parser.parse_args(argv)  # flags given explicitly still win over the config
+    args = parse_args_with_config(parser, argv)
     for name in ("data_dir", "out_dir"):
         if not getattr(args, name):
             parser.error(f"--{name.replace('_', '-')} is required (flag or config key {name!r})")
