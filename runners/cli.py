@@ -38,6 +38,7 @@ def _register():
     from runners import cli_registry, cli_run, cli_tui  # noqa: F401
     from runners import cli_chat  # noqa: F401
     from runners import cli_data, cli_eval  # noqa: F401
+    from runners import cli_serve  # noqa: F401
 
 
 _register()

@@ -1,0 +1,282 @@
+"""`nanorun serve` / nanochat.server: a real ThreadingHTTPServer on 127.0.0.1 (port 0) over a real tiny
+checkpoint; plain urllib for JSON and SSE, the openai client, every 4xx case, concurrent load, and the CLI in a
+subprocess. Run: .venv/bin/pytest tests/test_serve.py"""
+
+import http.client
+import json
+import os
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+from nanochat.server import MAX_MESSAGE_CHARS, load_service, make_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
+    """A depth-1 GPT with random weights saved at step 5 (stop tokens' logits zeroed so replies run on)."""
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(tiny_tokenizer_dir)
+    config = GPTConfig(sequence_len=48, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=64, window_pattern="L")
+    model = build_model(config, "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.lm_head.weight[tok.special_tokens["<|bos|>"]] = 0.0
+        model.lm_head.weight[tok.special_tokens["<|assistant_end|>"]] = 0.0
+    directory = str(tmp_path_factory.mktemp("serve_ckpt") / "checkpoints")
+    save_checkpoint(directory, 5, model.state_dict(), None, {"model_config": vars(config)})
+    return directory
+
+
+def _start(service):
+    server = make_server(service, "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def chat_url(tiny_checkpoint, tiny_tokenizer_dir):
+    service, _ = load_service(tiny_checkpoint, tiny_tokenizer_dir, chat=True, model_name="tiny-chat", device="cpu")
+    server, url = _start(service)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def base_url(tiny_checkpoint, tiny_tokenizer_dir):
+    service, _ = load_service(tiny_checkpoint, tiny_tokenizer_dir, model_name="tiny-base", device="cpu")
+    assert not service.chat   # meta has no sft/rl stage
+    server, url = _start(service)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def post(url, body, raw=None):
+    """(status, parsed JSON or raw text) of a POST to /v1/chat/completions."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=data,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text, status, ctype = r.read().decode(), r.status, r.headers["Content-Type"]
+    except urllib.error.HTTPError as e:
+        text, status, ctype = e.read().decode(), e.code, e.headers["Content-Type"]
+    return status, (json.loads(text) if ctype == "application/json" else text)
+
+
+def get(url, path):
+    try:
+        with urllib.request.urlopen(url + path, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def sse_events(text):
+    """The `data:` payloads of an event stream, checking the framing."""
+    blocks = [b for b in text.split("\n\n") if b]
+    assert all(b.startswith("data: ") for b in blocks), text[:300]
+    return [b[len("data: "):] for b in blocks]
+
+
+def test_models_and_health(chat_url):
+    assert get(chat_url, "/health") == (200, {"status": "ok", "ready": True, "busy": False, "model": "tiny-chat"})
+    status, models = get(chat_url, "/v1/models")
+    assert status == 200 and models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-chat"]
+    status, err = get(chat_url, "/v1/nope")
+    assert status == 404 and "no such endpoint: GET /v1/nope" in err["error"]["message"]
+
+
+def test_non_streaming_completion_shape_usage_and_determinism(chat_url):
+    body = {"messages": user("hello there"), "max_tokens": 7, "temperature": 0}
+    status, out = post(chat_url, body)
+    assert status == 200, out
+    assert out["object"] == "chat.completion" and out["model"] == "tiny-chat" and out["id"].startswith("chatcmpl-")
+    choice = out["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"]
+    assert choice["finish_reason"] == "length"      # stop tokens were zeroed: it runs to max_tokens
+    usage = out["usage"]
+    assert usage["completion_tokens"] == 7 and usage["prompt_tokens"] > 3
+    assert usage["total_tokens"] == usage["prompt_tokens"] + 7
+    assert post(chat_url, body)[1]["choices"] == out["choices"]   # greedy: the same reply
+    # a longer conversation (system + earlier turns) changes the prompt
+    longer = [{"role": "system", "content": "be brief"}, *user("hi"), {"role": "assistant", "content": "hello"},
+              *user("hello there")]
+    status, out2 = post(chat_url, dict(body, messages=longer))
+    assert status == 200 and out2["usage"]["prompt_tokens"] > usage["prompt_tokens"]
+    # a conversation longer than sequence_len (48) is trimmed, not an error
+    status, out3 = post(chat_url, {"messages": user("the king walked to the sea " * 40), "max_tokens": 8})
+    assert status == 200 and out3["usage"]["prompt_tokens"] <= 48 and out3["usage"]["completion_tokens"] == 8
+
+
+def test_streaming_matches_non_streaming(chat_url):
+    body = {"messages": user("hello there"), "max_tokens": 9, "temperature": 0, "seed": 3}
+    _, whole = post(chat_url, body)
+    status, text = post(chat_url, dict(body, stream=True, stream_options={"include_usage": True}))
+    assert status == 200
+    events = sse_events(text)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length" and chunks[-2]["choices"][0]["delta"] == {}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    content = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks[1:-2])
+    assert content == whole["choices"][0]["message"]["content"]
+    assert len(chunks) > 4   # streamed in pieces, not one block
+
+
+def test_base_model_continues_the_last_user_message(base_url, chat_url):
+    body = {"messages": [*user("ignored"), {"role": "assistant", "content": "x"}, *user("the king walked")],
+            "max_tokens": 6, "temperature": 0}
+    status, out = post(base_url, body)
+    assert status == 200 and out["model"] == "tiny-base"
+    # plain text: BOS + the last message's tokens only (no chat tokens, earlier turns unused)
+    _, alone = post(base_url, dict(body, messages=user("the king walked")))
+    assert out["usage"] == alone["usage"] and out["choices"] == alone["choices"]
+    _, chat = post(chat_url, dict(body, messages=user("the king walked")))
+    assert chat["usage"]["prompt_tokens"] == out["usage"]["prompt_tokens"] + 3   # user_start/end, assistant_start
+
+
+def test_openai_client(chat_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=chat_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny-chat"]
+    out = client.chat.completions.create(model="tiny-chat", messages=user("hello there"), max_tokens=5,
+                                         temperature=0)
+    assert out.choices[0].message.content and out.usage.completion_tokens == 5
+    stream = client.chat.completions.create(model="tiny-chat", messages=user("hello there"), max_tokens=5,
+                                            temperature=0, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny-chat", messages=user("hi"), temperature=3)
+    assert "temperature must be in [0, 2]" in str(e.value)
+
+
+BAD = [
+    ({"messages": []}, "messages must be a non-empty list", "messages"),
+    ({}, "messages must be a non-empty list", "messages"),
+    ({"messages": user("x") * 2 * 251}, "too many messages: 502", "messages"),
+    ({"messages": [*user("a"), {"role": "assistant", "content": "b"}, *user("c"), {"role": "tool", "content": "d"}]},
+     "messages[3].role must be user or assistant", "messages[3].role"),
+    ({"messages": [*user("a"), {"role": "system", "content": "b"}]},
+     "messages[1].role must be user or assistant (system only as the first message)", "messages[1].role"),
+    ({"messages": [*user("a"), *user("b")]}, "messages[1].role must be assistant", "messages[1].role"),
+    ({"messages": [*user("a"), {"role": "assistant", "content": "b"}]}, "messages[1] must be a user message",
+     "messages[1].role"),
+    ({"messages": user("  ")}, "messages[0].content is empty", "messages[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content must be a string", "messages[0].content"),
+    ({"messages": user("x" * (MAX_MESSAGE_CHARS + 1))}, "messages[0].content is too long: 8001",
+     "messages[0].content"),
+    ({"messages": [*user("x" * 8000), {"role": "assistant", "content": "y" * 8000}] * 2 + user("z" * 8000)},
+     "40000 characters in all (at most 32000)", "messages"),
+    ({"messages": user("hi"), "temperature": 2.5}, "temperature must be in [0, 2], got 2.5", "temperature"),
+    ({"messages": user("hi"), "temperature": "hot"}, "temperature must be a number", "temperature"),
+    ({"messages": user("hi"), "top_k": 201}, "top_k must be in [0, 200]", "top_k"),
+    ({"messages": user("hi"), "top_k": 1.5}, "top_k must be an integer", "top_k"),
+    ({"messages": user("hi"), "max_tokens": 0}, "max_tokens must be in [1, 4096]", "max_tokens"),
+    ({"messages": user("hi"), "max_tokens": 5000}, "max_tokens must be in [1, 4096]", "max_tokens"),
+    ({"messages": user("hi"), "n": 2}, "n must be 1", "n"),
+    ({"messages": user("hi"), "stream": "yes"}, "stream must be true or false", "stream"),
+    ({"messages": user("hi"), "seed": "s"}, "seed must be an integer", "seed"),
+    (["not", "an", "object"], "the request body must be a JSON object", None),
+]
+
+
+@pytest.mark.parametrize("body,message,param", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_requests_are_400_with_openai_error(chat_url, body, message, param):
+    status, out = post(chat_url, body)
+    assert status == 400, out
+    assert message in out["error"]["message"]
+    assert out["error"]["type"] == "invalid_request_error" and out["error"]["param"] == param
+
+
+def test_bad_http_level_requests(chat_url):
+    status, out = post(chat_url, None, raw=b"{not json")
+    assert status == 400 and "not valid JSON" in out["error"]["message"]
+    conn = http.client.HTTPConnection(chat_url.removeprefix("http://"), timeout=10)
+    conn.putrequest("POST", "/v1/chat/completions")
+    conn.putheader("Content-Length", str((1 << 20) + 1))   # refused before the body is read
+    conn.endheaders(b"{}")
+    response = conn.getresponse()
+    assert response.status == 413 and "too large" in json.loads(response.read())["error"]["message"]
+    conn.close()
+    req = urllib.request.Request(chat_url + "/v1/completions", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 404
+    assert get(chat_url, "/health")[0] == 200   # still serving
+
+
+def test_concurrent_load(chat_url):
+    """8 threads x 3 requests (half streaming) against one shared model: every response complete, no error."""
+    results, errors = [], []
+
+    def worker(i):
+        try:
+            for j in range(3):
+                body = {"messages": user(f"hello {i} {j}"), "max_tokens": 6, "seed": i * 10 + j}
+                if (i + j) % 2:
+                    status, text = post(chat_url, dict(body, stream=True))
+                    events = sse_events(text)
+                    ok = status == 200 and events[-1] == "[DONE]" and \
+                        json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+                else:
+                    status, out = post(chat_url, body)
+                    ok = status == 200 and out["usage"]["completion_tokens"] == 6
+                results.append(ok)
+        except Exception as e:  # noqa: BLE001 (collected and asserted below)
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and len(results) == 24 and all(results)
+    assert get(chat_url, "/health")[1]["busy"] is False
+
+
+def test_cli_serve_subprocess(nanorun_home, tiny_checkpoint, tiny_tokenizer_dir):
+    env = dict(os.environ, NANORUN_HOME=nanorun_home, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, "-c", "from runners.cli import main; main()", "serve", "--port", "0",
+                             "--quiet", "--checkpoint-dir", tiny_checkpoint, "--tokenizer-dir", tiny_tokenizer_dir],
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        lines = []
+        while not lines or "listening on" not in lines[-1]:
+            line = proc.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        assert "base (plain text continuation)" in lines[0] and "step 5" in lines[0]
+        url = lines[-1].split("listening on ")[1].strip().removesuffix("/v1")
+        status, out = post(url, {"messages": user("hello"), "max_tokens": 4})
+        assert status == 200 and out["model"] == "nanorun" and out["usage"]["completion_tokens"] == 4
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    # bad input is one line and exit code 2
+    bad = subprocess.run([sys.executable, "-c", "from runners.cli import main; main()", "serve", "nope"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: unknown run 'nope' (no run directory in {os.path.join(nanorun_home, 'runs')}; see `nanorun runs`)"]
