@@ -175,13 +175,16 @@ class EventLog:
     Kinds: "status" (status=running|done|failed), "metric" (step, values={name: float}),
     "eval" (step, suite, task, metric, value, n), "sample" (step, prompt, text), "log" (message)."""
 
-    def __init__(self, path, rank=0):
+    def __init__(self, path, rank=0, wandb_run=None, wandb_project="nanorun", config=None):
         self.path = path
         self.enabled = rank == 0
         self._f = None
+        self._wandb = None
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._f = open(path, "a", buffering=1)
+            if wandb_run and wandb_run != "dummy":  # "dummy" = off, as in the reference
+                self._wandb = _wandb_init(wandb_run, wandb_project, config, os.path.dirname(os.path.abspath(path)))
 
     def log(self, kind, **fields):
         if not self.enabled:
@@ -191,12 +194,28 @@ class EventLog:
         self._f.flush()
 
     def metric(self, step, **values):
-        self.log("metric", step=step, values={k: float(v) for k, v in values.items()})
+        values = {k: float(v) for k, v in values.items()}
+        self.log("metric", step=step, values=values)
+        if self._wandb is not None:
+            self._wandb.log(values, step=step)
 
     def close(self):
         if self._f is not None:
             self._f.close()
             self._f = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _wandb_init(run_name, project, config, out_dir):
+    """Mirror metrics to Weights & Biases. WANDB_MODE=offline works without network (files under out_dir/wandb)."""
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(f"--run {run_name}: wandb logging needs the wandb package "
+                         f"(pip install 'nanorun[wandb]'), or use --run dummy") from None
+    return wandb.init(project=project, name=run_name, config=config or {}, dir=out_dir)
 
 
 def write_result(out_dir, stage, metrics, outputs=None, **extra):

@@ -199,3 +199,23 @@ def test_schedules():
     assert abs(muon_momentum(10000, 10000, 0.65) - 0.90) < 1e-12
     assert muon_weight_decay(0, N, 0.2) == 0.2 and abs(muon_weight_decay(N, N, 0.2)) < 1e-12
     assert abs(muon_weight_decay(N // 2, N, 0.2) - 0.1) < 1e-12
+
+
+def test_wandb_run_name_mirrors_metrics_offline(corpus, tmp_path):
+    """--run NAME logs to wandb (offline mode: no network); "dummy" keeps it off, as in the reference."""
+    pytest.importorskip("wandb")
+    env = {**os.environ, "NANORUN_HOME": corpus["home"], "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    common = [sys.executable, "-m", "nanochat.stages.base_train", "--depth", "1", "--head-dim", "64",
+              "--max-seq-len", "32", "--device-batch-size", "1", "--total-batch-size", "32", "--num-iterations", "3",
+              "--eval-every", "-1", "--eval-tokens", "256", "--sample-every", "-1", "--core-metric-every", "-1",
+              "--data-dir", corpus["data_dir"], "--tokenizer-dir", corpus["tokenizer_dir"]]
+    proc = subprocess.run(common + ["--run", "wandb-test", "--out-dir", str(tmp_path / "w")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = [d for d in os.listdir(tmp_path / "w" / "wandb") if d.startswith("offline-run-")]
+    assert len(runs) == 1
+    files = os.listdir(tmp_path / "w" / "wandb" / runs[0])
+    assert any(f.endswith(".wandb") for f in files)
+    proc = subprocess.run(common + ["--run", "dummy", "--out-dir", str(tmp_path / "d")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and not os.path.exists(tmp_path / "d" / "wandb")

@@ -181,7 +181,7 @@ def main(argv=None):
     out_dir = args.out_dir or os.path.join(common.get_base_dir(), "stages", "base_train-manual")
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
-    events = EventLog(os.path.join(out_dir, "events.jsonl"), rank)
+    events = EventLog(os.path.join(out_dir, "events.jsonl"), rank, wandb_run=args.run, config=vars(args))
     events.log("status", status="running", stage="base_train", world_size=world_size, device=str(device))
     try:
         result = train(args, out_dir, events, ddp, rank, world_size, device)
