@@ -190,3 +190,26 @@ def tiny_tokenizer_dir(tiny_data_dir, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("tiny_tokenizer") / "tokenizer")
     train_tokenizer(iter(texts), 512).save(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
+    """A depth-1 GPT with random weights saved at step 5, for chat/serve tests. The reference init would make
+    every argmax the same, and the stop tokens' logits are zeroed so replies run on."""
+    import torch
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(tiny_tokenizer_dir)
+    config = GPTConfig(sequence_len=48, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
+                       n_embd=64, window_pattern="L")
+    model = build_model(config, "cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        model.lm_head.weight[tok.special_tokens["<|bos|>"]] = 0.0
+        model.lm_head.weight[tok.special_tokens["<|assistant_end|>"]] = 0.0
+    directory = str(tmp_path_factory.mktemp("tiny_ckpt") / "checkpoints")
+    save_checkpoint(directory, 5, model.state_dict(), None, {"model_config": vars(config)})
+    return directory

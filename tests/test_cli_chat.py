@@ -10,34 +10,12 @@ import sys
 import time
 
 import pytest
-import torch
 from click.testing import CliRunner
 
 from runners.cli import main
 from runners.cli_chat import resolve_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
-    """A depth-1 GPT with random weights saved at step 5 (the reference init would make every argmax the same)."""
-    from nanochat.checkpoint import save_checkpoint
-    from nanochat.gpt import GPTConfig, build_model
-    from nanochat.tokenizer import Tokenizer
-    tok = Tokenizer.from_directory(tiny_tokenizer_dir)
-    config = GPTConfig(sequence_len=48, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2,
-                       n_embd=64, window_pattern="L")
-    model = build_model(config, "cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-        model.lm_head.weight[tok.special_tokens["<|bos|>"]] = 0.0            # keep replies from stopping at once
-        model.lm_head.weight[tok.special_tokens["<|assistant_end|>"]] = 0.0
-    directory = str(tmp_path_factory.mktemp("tiny_ckpt") / "checkpoints")
-    save_checkpoint(directory, 5, model.state_dict(), None, {"model_config": vars(config)})
-    return directory
 
 
 def make_run(home, run_id, tokenizer_dir, checkpoint_dir, stages=("tok_train", "base_train"), created_at=None):

@@ -260,6 +260,8 @@ acc = evaluate_task(model, ByteTokenizer(), items, {"type": "multiple_choice", "
 import torch.distributed as dist
 with open(sys.argv[2] + f"/acc{dist.get_rank()}.json", "w") as f:
     json.dump(acc, f)
+dist.barrier()  # tear gloo down together: a rank exiting with the group alive can abort the other
+dist.destroy_process_group()
 '''
 
 
