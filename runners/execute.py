@@ -86,8 +86,10 @@ def stage_inputs(plan, stage, home=None):
         inputs["data_dir"] = dirs["data"]
     if "tok_train" in dirs:
         inputs["tokenizer_dir"] = os.path.join(dirs["tok_train"], "tokenizer")
-    if "base_train" in dirs:
-        inputs["checkpoint_dir"] = os.path.join(dirs["base_train"], "checkpoints")
+    # the model a stage starts from: the latest of base_train -> sft -> rl among its upstream stages
+    for producer in ("base_train", "sft", "rl"):
+        if producer in dirs:
+            inputs["checkpoint_dir"] = os.path.join(dirs[producer], "checkpoints")
     return inputs
 
 

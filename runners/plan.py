@@ -182,6 +182,9 @@ def make_plan(spec):
     for name in names:
         params = _stage_params(spec, name, derived)
         upstream = tuple(u for u in STAGE_UPSTREAM[name] if u in keys)
+        if name == "chat_eval":  # evaluate the model its `source` option names (sft or rl), not both
+            source = params.get("source", "rl" if "rl" in keys else "sft")
+            upstream = tuple(u for u in upstream if u not in ("sft", "rl") or u == source)
         # the compute dtype applies to every torch stage (the model trained in bf16 is evaluated in bf16)
         env = {"NANOCHAT_DTYPE": spec.train.dtype} if spec.train.dtype and name in MULTI_PROCESS_STAGES else {}
         key = stage_key(name, params, [keys[u] for u in upstream], env)
