@@ -239,11 +239,13 @@ class BaseEvalOptions(_Model):
 
 
 class SFTOptions(_Model):
-    """chat_sft flags (reference/nanochat.md 11.2). None = inherit from the base checkpoint."""
+    """nanochat.stages.sft flags (reference/nanochat.md 11.2). None = inherit from the base checkpoint.
+    The mixture: generated identity / arithmetic (calculator tool) / spelling conversations and, when
+    chitchat_epochs > 0, chitchat-dataset 0.9.0 (pip download on first use). *_epochs = repeats in one epoch."""
     num_iterations: int = -1                      # -1 = one epoch of the mixture
     max_seq_len: Optional[int] = Field(None, ge=1)
     device_batch_size: Optional[int] = Field(None, ge=1)
-    total_batch_size: Optional[int] = Field(None, ge=1)
+    total_batch_size: Optional[int] = Field(None, ge=1)   # tokens per optimizer step (rows x max_seq_len)
     embedding_lr: Optional[float] = Field(None, ge=0)
     unembedding_lr: Optional[float] = Field(None, ge=0)
     matrix_lr: Optional[float] = Field(None, ge=0)
@@ -254,13 +256,18 @@ class SFTOptions(_Model):
     load_optimizer: bool = True                   # warm-start Muon/AdamW momenta from pretraining
     eval_every: int = 200
     eval_tokens: int = Field(40 * 524288, ge=1)
-    chatcore_every: int = 200
-    chatcore_max_cat: int = -1
-    chatcore_max_sample: int = Field(24, ge=1)
-    mmlu_epochs: int = Field(3, ge=0)
-    gsm8k_epochs: int = Field(4, ge=0)
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # of each source, held out for val loss
+    identity_name: str = "nanorun"
+    identity_creator: str = "the nanorun authors"
+    identity_epochs: int = Field(2, ge=0)
+    arithmetic_examples: int = Field(2000, ge=0)
+    arithmetic_epochs: int = Field(1, ge=0)
+    spelling_examples: int = Field(2000, ge=0)
+    spelling_epochs: int = Field(1, ge=0)
+    chitchat_epochs: int = Field(1, ge=0)         # 0 = off (needs PyPI access once)
+    chitchat_max: Optional[int] = Field(None, ge=1)   # None = every usable chat (about 4,000)
 
-    _check = field_validator("num_iterations", "eval_every", "chatcore_every", "chatcore_max_cat")(_off_or_positive)
+    _check = field_validator("num_iterations", "eval_every")(_off_or_positive)
 
 
 class RLOptions(_Model):

@@ -1,0 +1,290 @@
+"""
+Supervised fine-tuning stage (reference/nanochat.md 11.2): base checkpoint -> chat model on a mixture of
+conversations (nanochat.sft_data), best-fit packed into rows of T+1 tokens, loss on the assistant tokens only.
+
+    python -m nanochat.stages.sft --checkpoint-dir BASE/checkpoints --tokenizer-dir TOK --out-dir OUT \
+        --num-iterations 20 --device-batch-size 4 --max-seq-len 256 --chitchat-epochs 0
+    torchrun --standalone --nproc_per_node=2 -m nanochat.stages.sft --config config.json
+
+Differences from the reference: the loss of a step is the sum of token losses over every micro-batch of every
+rank divided by the step's total supervised tokens (each supervised token weighs the same, however the rows
+were split), and the data is generated/packaged offline instead of SmolTalk/MMLU/GSM8K train.
+Outputs in --out-dir: events.jsonl, checkpoints/ (base_train's format, meta "stage": "sft"), result.json.
+"""
+
+import argparse
+import math
+import os
+import random
+import time
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="nanorun SFT stage", allow_abbrev=False)
+    a = p.add_argument
+    a("--config", default=None, help="JSON file of defaults keyed by argparse dest names")
+    a("--run", default="dummy", help="wandb run name ('dummy' = off)")
+    a("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
+    a("--checkpoint-dir", default=None, help="base_train's checkpoints/ directory")
+    a("--model-step", type=int, default=None, help="checkpoint step (default: the newest)")
+    a("--tokenizer-dir", default=None)
+    a("--out-dir", default=None, help="stage directory (default $NANORUN_HOME/stages/sft-manual)")
+    a("--seed", type=int, default=42)
+    a("--load-optimizer", type=int, default=1, help="1 = warm-start from the base optimizer shards if present")
+    a("--num-iterations", type=int, default=-1, help="-1 = one epoch of the mixture")
+    a("--max-seq-len", type=int, default=None, help="None = the base checkpoint's")
+    a("--device-batch-size", type=int, default=None, help="None = the base checkpoint's")
+    a("--total-batch-size", type=int, default=None, help="tokens per step; None = the base checkpoint's")
+    a("--embedding-lr", type=float, default=None, help="None = the base run's")
+    a("--unembedding-lr", type=float, default=None)
+    a("--matrix-lr", type=float, default=None)
+    a("--init-lr-frac", type=float, default=0.8)
+    a("--warmup-ratio", type=float, default=0.0)
+    a("--warmdown-ratio", type=float, default=0.5)
+    a("--final-lr-frac", type=float, default=0.0)
+    a("--eval-every", type=int, default=200)
+    a("--eval-tokens", type=int, default=40 * 524288)
+    a("--val-fraction", type=float, default=0.05)
+    a("--identity-name", default="nanorun")
+    a("--identity-creator", default="the nanorun authors")
+    a("--identity-epochs", type=int, default=2)
+    a("--arithmetic-examples", type=int, default=2000)
+    a("--arithmetic-epochs", type=int, default=1)
+    a("--spelling-examples", type=int, default=2000)
+    a("--spelling-epochs", type=int, default=1)
+    a("--chitchat-epochs", type=int, default=1, help="0 = off")
+    a("--chitchat-max", type=int, default=None)
+    return p
+
+
+def parse_args(argv=None):
+    from nanochat.common import parse_args_with_config
+    parser = build_parser()
+    args = parse_args_with_config(parser, argv)
+    for name in ("checkpoint_dir", "tokenizer_dir"):
+        if not getattr(args, name):
+            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    if not 0 < args.val_fraction < 1:
+        parser.error(f"--val-fraction {args.val_fraction}: expected a fraction in (0, 1)")
+    return args
+
+
+# -----------------------------------------------------------------------------
+
+
+def lr_multiplier(progress, warmup_ratio, warmdown_ratio, final_lr_frac):
+    """Progress-based schedule (11.2): warmup to warmup_ratio, flat, then linear to final_lr_frac."""
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return (progress + 1e-8) / warmup_ratio
+    if progress <= 1 - warmdown_ratio:
+        return 1.0
+    decay = (1 - progress) / warmdown_ratio
+    return decay + (1 - decay) * final_lr_frac
+
+
+def muon_momentum(step):
+    return 0.85 + (0.95 - 0.85) * min(step / 300, 1.0)
+
+
+def build_mixture(args, cache_dir):
+    """-> (train, val) conversation lists: each source's last val_fraction is held out, train repeats each
+    source's rest *_epochs times and is shuffled with the seed."""
+    from nanochat import sft_data
+    sources = [
+        ("identity", sft_data.identity_conversations(args.identity_name, args.identity_creator),
+         args.identity_epochs),
+        ("arithmetic", sft_data.arithmetic_conversations(args.arithmetic_examples, args.seed),
+         args.arithmetic_epochs),
+        ("spelling", sft_data.spelling_conversations(args.spelling_examples, args.seed + 1), args.spelling_epochs),
+    ]
+    if args.chitchat_epochs > 0:
+        wheel = sft_data.fetch_chitchat(cache_dir)
+        sources.append(("chitchat", sft_data.chitchat_conversations(wheel, args.chitchat_max), args.chitchat_epochs))
+    train, val, counts = [], [], {}
+    for name, convs, epochs in sources:
+        if epochs <= 0 or not convs:
+            continue
+        n_val = max(1, round(len(convs) * args.val_fraction)) if len(convs) > 1 else 0
+        val += convs[len(convs) - n_val:]
+        train += convs[:len(convs) - n_val] * epochs
+        counts[name] = {"train": (len(convs) - n_val) * epochs, "val": n_val}
+    if not train:
+        raise ValueError("sft: the mixture is empty (every source has 0 examples or 0 epochs)")
+    random.Random(args.seed).shuffle(train)
+    return train, val, counts
+
+
+def accumulate_step(model, micro_batches, ddp=False):
+    """Forward/backward every (x, y) micro-batch with loss = sum of token losses / supervised tokens of the
+    whole step (all micro-batches, all ranks). The optimizer AVG-reduces grads over ranks, so each rank
+    divides by total/world_size. -> (step loss as a float tensor, total supervised tokens int)."""
+    import torch
+    import torch.distributed as dist
+    counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in micro_batches)], dtype=torch.float64,
+                          device=micro_batches[0][1].device)
+    world = 1
+    if ddp:
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+        world = dist.get_world_size()
+    total = max(int(counts.item()), 1)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=counts.device)
+    for x, y in micro_batches:
+        loss = model(x, y, loss_reduction="sum")
+        (loss * (world / total)).backward()
+        loss_sum += loss.detach().float()
+    if ddp:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
+    return loss_sum / total, int(counts.item())
+
+
+def evaluate_loss(model, rows, dbs, device, ddp=False):
+    """Mean loss per supervised token over rows (this rank's share), summed across ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.sft_data import rows_to_batch
+    acc = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, tokens)
+    with torch.no_grad():
+        for i in range(0, len(rows), dbs):
+            x, y = rows_to_batch(rows[i:i + dbs], device)
+            acc[0] += model(x, y, loss_reduction="sum").double()
+            acc[1] += (y >= 0).sum()
+    if ddp:
+        dist.all_reduce(acc, op=dist.ReduceOp.SUM)
+    return (acc[0] / acc[1].clamp(min=1)).item()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch  # noqa: F401  (after argument errors, which should be fast)
+
+    from nanochat import common
+    from nanochat.common import EventLog, compute_cleanup, compute_init
+    out_dir = args.out_dir or os.path.join(common.get_base_dir(), "stages", "sft-manual")
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+    events = EventLog(os.path.join(out_dir, "events.jsonl"), rank, wandb_run=args.run, config=vars(args))
+    events.log("status", status="running", stage="sft", world_size=world_size, device=str(device))
+    try:
+        return train(args, out_dir, events, ddp, rank, world_size, device)
+    except BaseException as e:
+        events.log("status", status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        events.close()
+        compute_cleanup()
+
+
+def train(args, out_dir, events, ddp, rank, world_size, device):
+    import torch
+    import torch.distributed as dist
+
+    from nanochat.checkpoint import find_last_step, load_checkpoint, load_model, save_checkpoint
+    from nanochat.common import get_base_dir, print0, write_result
+    from nanochat.sft_data import pack_rows, rows_to_batch
+    from nanochat.tokenizer import Tokenizer
+
+    torch.manual_seed(args.seed)
+    tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
+    step0 = find_last_step(args.checkpoint_dir) if args.model_step is None else args.model_step
+    model, base_meta = load_model(args.checkpoint_dir, step0, device)
+    model.train()
+    user = base_meta.get("user_config", {})
+    T = args.max_seq_len or base_meta.get("max_seq_len") or model.config.sequence_len
+    if T > model.config.sequence_len:
+        raise ValueError(f"sft: --max-seq-len {T} exceeds the base model's sequence_len {model.config.sequence_len}")
+    dbs = args.device_batch_size or base_meta.get("device_batch_size") or 32
+    B = args.total_batch_size or base_meta.get("total_batch_size") or dbs * T * world_size
+    if B % (dbs * T * world_size):
+        raise ValueError(f"sft: total batch size {B} is not a multiple of device_batch_size*max_seq_len*world "
+                         f"= {dbs}*{T}*{world_size}")
+    grad_accum = B // (dbs * T * world_size)
+    lrs = {k: getattr(args, k) if getattr(args, k) is not None else user.get(k, d)
+           for k, d in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
+
+    # --- data: every rank packs everything the same way, then takes rows rank::world
+    train_convs, val_convs, source_counts = build_mixture(args, os.path.join(get_base_dir(), "packages"))
+    bos = tokenizer.get_bos_token_id()
+    render = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in train_convs]
+    train_rows = pack_rows(render, T + 1, bos)
+    val_rows = pack_rows([tokenizer.render_conversation(c, max_tokens=T + 1) for c in val_convs], T + 1, bos)
+    rows_per_step = dbs * grad_accum * world_size
+    N = args.num_iterations if args.num_iterations > 0 else max(1, len(train_rows) // rows_per_step)
+    val_rows = val_rows[rank::world_size]
+    eval_rows = max(1, args.eval_tokens // (T * world_size))
+    print0(f"sft: {len(train_convs)} train / {len(val_convs)} val conversations {source_counts} -> "
+           f"{len(train_rows)} rows of {T + 1}; {N} steps of {rows_per_step} rows (grad accum {grad_accum}); "
+           f"lrs {lrs}")
+    events.log("log", message="resolved", num_iterations=N, rows=len(train_rows), max_seq_len=T,
+               device_batch_size=dbs, total_batch_size=B, grad_accum_steps=grad_accum, sources=source_counts,
+               lrs=lrs, args=vars(args))
+
+    # --- optimizer, warm-started from this rank's pretraining shard when there is one
+    optimizer = model.setup_optimizer(weight_decay=0.0, **lrs)
+    has_optim = os.path.exists(os.path.join(args.checkpoint_dir, f"optim_{step0:06d}_rank0.pt"))
+    if args.load_optimizer and has_optim:
+        _, optim_state, _, _ = load_checkpoint(args.checkpoint_dir, step0, device, rank, world_size=world_size)
+        optimizer.load_state_dict(optim_state)
+        del optim_state
+        print0("warm-started the optimizer from the base checkpoint")
+    elif args.load_optimizer:
+        print0("base checkpoint has no optimizer state: the optimizer starts fresh")
+    for group in optimizer.param_groups:  # load_state_dict restored the pretraining LRs: use ours, x init_lr_frac
+        group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    events.log("log", message="optimizer", warm_started=bool(args.load_optimizer and has_optim))
+
+    def step_batches(step):
+        """This rank's grad_accum micro-batches of a step (rows cycle when num_iterations exceeds an epoch)."""
+        base = step * rows_per_step
+        out = []
+        for a in range(grad_accum):
+            start = base + (rank * grad_accum + a) * dbs
+            out.append(rows_to_batch([train_rows[(start + i) % len(train_rows)] for i in range(dbs)], device))
+        return out
+
+    val_loss, train_loss, supervised_total, t_start = None, None, 0, time.time()
+    for step in range(N + 1):
+        last = step == N
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            val_loss = evaluate_loss(model, val_rows[:eval_rows], dbs, device, ddp)
+            model.train()
+            print0(f"step {step:05d} | val loss: {val_loss:.6f}")
+            events.metric(step, **{"val/loss": val_loss})
+        if last:
+            break
+        t0 = time.time()
+        loss, ntok = accumulate_step(model, step_batches(step), ddp)
+        lrm = lr_multiplier(step / N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss.item()
+        supervised_total += ntok
+        dt = time.time() - t0
+        print0(f"step {step:05d}/{N} | loss: {train_loss:.6f} | lrm: {lrm:.3f} | tokens: {ntok} | dt: {dt * 1000:.0f}ms")
+        events.metric(step, **{"train/loss": train_loss, "train/lrm": lrm, "train/supervised_tokens": ntok,
+                               "train/dt": dt})
+        if not math.isfinite(train_loss):
+            raise ValueError(f"sft: loss is {train_loss} at step {step}")
+
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    meta = {"stage": "sft", "step": N, "val_loss": val_loss, "model_config": base_meta["model_config"],
+            "user_config": vars(args), "max_seq_len": T, "device_batch_size": dbs, "total_batch_size": B,
+            "model_tag": base_meta.get("model_tag"), "base_checkpoint": {"dir": args.checkpoint_dir, "step": step0}}
+    save_checkpoint(ckpt_dir, N, model.state_dict(), optimizer.state_dict(), meta, rank)
+    metrics = {"train_loss": train_loss, "val_loss": val_loss, "num_iterations": N,
+               "conversations": len(train_convs), "supervised_tokens": supervised_total,
+               "training_time": time.time() - t_start, "world_size": world_size}
+    if rank == 0:
+        events.log("status", status="done")
+        write_result(out_dir, "sft", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": N})
+    if ddp:
+        dist.barrier()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
