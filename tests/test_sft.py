@@ -164,6 +164,7 @@ def base_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
 
 def _run_sft(tmp_path, config, extra=(), nproc=1):
     env = {**os.environ, "NANORUN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(config))
     out = tmp_path / "out"
@@ -223,3 +224,23 @@ def test_sft_one_epoch_default_and_bad_batch(tmp_path, base_checkpoint, tiny_tok
                           "--device-type", "cpu", "--total-batch-size", "1000", "--chitchat-epochs", "0"],
                          env={**os.environ, "NANORUN_HOME": str(tmp_path / "home")}, capture_output=True, text=True)
     assert bad.returncode != 0 and "not a multiple" in bad.stderr
+
+
+@pytest.mark.slow
+def test_sft_two_ranks_match_one_rank_with_accumulation(tmp_path, base_checkpoint, tiny_tokenizer_dir):
+    """torchrun with gloo: 2 ranks x 1 micro-step train like 1 rank x 2 micro-steps (same rows, token-weighted
+    loss over both ranks, sharded optimizer warm-started from a 1-rank checkpoint)."""
+    def losses(out):
+        events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+        return [e["values"]["train/loss"] for e in events if e["kind"] == "metric" and "train/loss" in e["values"]]
+
+    cfg = _config(base_checkpoint, tiny_tokenizer_dir, num_iterations=4, eval_every=-1)
+    one, _ = _run_sft(tmp_path / "one", cfg)
+    two, _ = _run_sft(tmp_path / "two", {**cfg, "total_batch_size": 1024}, nproc=2)
+    a, b = losses(one), losses(two)
+    assert len(a) == len(b) == 4
+    assert a == pytest.approx(b, abs=2e-3)
+    r1 = json.loads((one / "result.json").read_text())["metrics"]
+    r2 = json.loads((two / "result.json").read_text())["metrics"]
+    assert r2["world_size"] == 2 and r1["supervised_tokens"] == r2["supervised_tokens"]
+    assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=2e-3)
