@@ -77,6 +77,19 @@ def find_last_step(ckpt_dir):
     return steps[-1]
 
 
+def check_model_inputs(ckpt_dir, step, tokenizer_dir):
+    """What an evaluation stage needs before it starts torch: a complete checkpoint step and a tokenizer.
+    Returns the step to load (the newest when step is None) or raises FileNotFoundError with one clear line."""
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (expected model_NNNNNN.pt + meta_NNNNNN.json)")
+    if step is not None and step not in steps:
+        raise FileNotFoundError(f"checkpoint step {step} not in {ckpt_dir} (have: {', '.join(map(str, steps))})")
+    if not os.path.isdir(tokenizer_dir):
+        raise FileNotFoundError(f"tokenizer directory {tokenizer_dir} does not exist")
+    return steps[-1] if step is None else step
+
+
 def _check_step(ckpt_dir, step):
     steps = list_steps(ckpt_dir)
     if not steps:

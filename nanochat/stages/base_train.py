@@ -40,7 +40,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="nanorun pretraining stage", allow_abbrev=False)
     a = p.add_argument
     a("--config", default=None, help="JSON file of defaults keyed by argparse dest names")
-    a("--run", default="dummy", help="wandb run name ('dummy' = off; recorded only)")
+    a("--run", default="dummy", help="wandb run name ('dummy' = off; WANDB_MODE=offline works without network)")
     a("--device-type", default="", help="cuda|cpu|mps ('' = autodetect)")
     a("--dtype", default=None, help="bfloat16|float16|float32 (sets NANOCHAT_DTYPE; None = default policy)")
     a("--fp8", action=argparse.BooleanOptionalAction, default=False, help="FP8 training of large Linears (torchao)")

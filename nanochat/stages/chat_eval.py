@@ -202,14 +202,11 @@ def load_items(task, packages_dir, max_problems, rank):
 
 def main(argv=None):
     args = parse_args(argv)
-    from nanochat.checkpoint import find_last_step, list_steps
-    steps = list_steps(args.checkpoint_dir)
-    if not steps:
-        fail(f"no checkpoint in {args.checkpoint_dir} (expected model_NNNNNN.pt + meta_NNNNNN.json)")
-    if args.step is not None and args.step not in steps:
-        fail(f"checkpoint step {args.step} not in {args.checkpoint_dir} (have: {', '.join(map(str, steps))})")
-    if not os.path.isdir(args.tokenizer_dir):
-        fail(f"tokenizer directory {args.tokenizer_dir} does not exist")
+    from nanochat.checkpoint import check_model_inputs
+    try:
+        step = check_model_inputs(args.checkpoint_dir, args.step, args.tokenizer_dir)
+    except FileNotFoundError as e:
+        fail(str(e))
 
     from nanochat.checkpoint import load_model
     from nanochat.common import EventLog, compute_cleanup, compute_init, get_base_dir, print0, write_result
@@ -218,7 +215,6 @@ def main(argv=None):
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     events = EventLog(os.path.join(args.out_dir, "events.jsonl"), rank)
     events.log("status", status="running", args=vars(args))
-    step = args.step if args.step is not None else find_last_step(args.checkpoint_dir)
     model, _ = load_model(args.checkpoint_dir, step, device)
     model.eval()
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
