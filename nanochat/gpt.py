@@ -7,6 +7,7 @@ layers, per-layer resid/x0 lambdas, smear and backout, untied lm_head with a 15*
     model = build_model(GPTConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=128, vocab_size=300), "cpu")
     loss = model(idx, targets)          # idx/targets (B,T) int64
     logits = model(idx)                  # (B,T,vocab_size) fp32
+    logits = model(idx, logit_positions=(rows, cols))   # (N,vocab_size): only where scored (CORE eval)
 
 All counts here must agree with nanochat/scaling.py (tests/test_model.py checks it for depths 2..26).
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from nanochat.attention import attention
 from nanochat.common import COMPUTE_DTYPE
+from nanochat.loss import softcap_cross_entropy
 from nanochat.scaling import SMEAR_CHANNELS, VE_GATE_CHANNELS, has_value_embedding, padded_vocab_size, window_sizes
 
 ROPE_BASE = 100_000
@@ -118,6 +120,7 @@ class GPT(nn.Module):
     def __init__(self, config, pad_vocab_size_to=64, device=None):
         super().__init__()
         self.config = config
+        self.chunked_loss = True  # nanochat.loss for the training/bpb loss; False = the plain full-logits path
         L, C = config.n_layer, config.n_embd
         V = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
         kv_dim = config.n_kv_head * (C // config.n_head)
@@ -242,7 +245,7 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logit_positions=None):
         B, T = idx.shape
         pos = kv_cache.get_pos() if kv_cache is not None else 0
         if pos + T > self.cos.size(1):
@@ -276,6 +279,12 @@ class GPT(nn.Module):
             kv_cache.advance(T)
 
         x = norm(x)
+        if logit_positions is not None:  # eval only (CORE, no targets): the head only at (rows, positions) -> (N,V)
+            x = x[logit_positions]
+        if targets is not None and self._chunked_loss_ok(loss_reduction):
+            loss = softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                         self.config.vocab_size, SOFTCAP, loss_reduction)
+            return loss.view(B, T) if loss_reduction == "none" else loss
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()
         logits = SOFTCAP * torch.tanh(logits / SOFTCAP)
         if targets is None:
@@ -283,6 +292,13 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def _chunked_loss_ok(self, loss_reduction):
+        """nanochat.loss computes head + softcap + CE in row chunks (no full logits tensor): used eagerly for
+        the plain Linear head (not an FP8 one, not under torch.compile, whose fused kernels do the same job),
+        and for per-token losses only without gradients (bpb); RL's per-token gradients take the plain path."""
+        return (self.chunked_loss and type(self.lm_head) is Linear and not torch.compiler.is_compiling()
+                and (loss_reduction != "none" or not torch.is_grad_enabled()))
 
     @torch.no_grad()
     def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):

@@ -1,0 +1,101 @@
+"""The chunked head + softcap + cross-entropy (nanochat.loss) against the plain full-logits expression."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.gpt import GPT, GPTConfig, build_model
+from nanochat.loss import softcap_cross_entropy
+
+CAP = 15.0
+
+
+def plain_loss(h, w, targets, vocab, reduction):
+    z = (h @ w[:vocab].to(h.dtype).t()).float()
+    return F.cross_entropy(CAP * torch.tanh(z / CAP), targets, ignore_index=-1, reduction=reduction)
+
+
+def make(n=300, c=32, v_pad=192, vocab=181, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, c, generator=g).to(dtype).requires_grad_()
+    w = (torch.randn(v_pad, c, generator=g) * 0.5).requires_grad_()  # large enough that the softcap bends
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[::5] = -1
+    return h, w, t, vocab
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [1, 64, 77, 1000])
+def test_values_and_gradients_match_plain_fp32(reduction, chunk_rows):
+    h, w, t, vocab = make()
+    ref = plain_loss(h, w, t, vocab, reduction)
+    (ref * 3).backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = softcap_cross_entropy(h, w, t, vocab, CAP, reduction=reduction, chunk_rows=chunk_rows)
+    (out * 3).backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # fp32 sums in another order: absolute error of a few ulp of the largest gradient (~1)
+    torch.testing.assert_close(h.grad, gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-5)
+    assert w.grad[vocab:].abs().sum() == 0          # padded vocab rows get no gradient
+    assert h.grad[::5].abs().sum() == 0              # ignored positions contribute nothing
+
+
+def test_bf16_matches_plain_within_bf16_rounding():
+    h, w, t, vocab = make(dtype=torch.bfloat16)
+    ref = plain_loss(h, w, t, vocab, "mean")
+    ref.backward()
+    gh, gw = h.grad.float().clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = softcap_cross_entropy(h, w, t, vocab, CAP, chunk_rows=50)
+    out.backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.grad.float(), gh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(w.grad, gw, rtol=2e-2, atol=2e-3)
+
+
+def test_per_token_losses_without_grad_and_refusal_with_grad():
+    h, w, t, vocab = make()
+    with torch.no_grad():
+        ref = plain_loss(h, w, t, vocab, "none")
+        out = softcap_cross_entropy(h, w, t, vocab, CAP, reduction="none", chunk_rows=64)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="forward-only"):
+        softcap_cross_entropy(h, w, t, vocab, CAP, reduction="none")
+    with pytest.raises(ValueError, match="reduction"):
+        softcap_cross_entropy(h, w, t, vocab, CAP, reduction="avg")
+
+
+def test_model_loss_and_gradients_same_with_and_without_chunking():
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=64, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    idx = torch.randint(0, 300, (3, 64))
+    tgt = torch.randint(0, 300, (3, 64))
+    tgt[:, :7] = -1
+    grads, losses = [], []
+    for chunked in (False, True):
+        model.chunked_loss = chunked
+        model.zero_grad(set_to_none=True)
+        loss = model(idx, tgt)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        with torch.no_grad():
+            per_token = model(idx, tgt, loss_reduction="none")
+        assert per_token.shape == (3, 64) and (per_token[:, :7] == 0).all()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_model_takes_plain_path_for_per_token_gradients():
+    """RL needs per-token losses with gradients: the model must fall back to the plain path, not raise."""
+    model = build_model(GPTConfig(sequence_len=32, vocab_size=100, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    idx = torch.randint(0, 100, (2, 32))
+    loss = model(idx, idx, loss_reduction="none")
+    assert loss.shape == (2, 32) and loss.requires_grad
+    loss.sum().backward()
+    assert isinstance(model, GPT) and model.lm_head.weight.grad is not None
