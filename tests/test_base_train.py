@@ -219,3 +219,30 @@ def test_wandb_run_name_mirrors_metrics_offline(corpus, tmp_path):
     proc = subprocess.run(common + ["--run", "dummy", "--out-dir", str(tmp_path / "d")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and not os.path.exists(tmp_path / "d" / "wandb")
+
+
+def test_fp8_training_evaluates_without_fp8(corpus, tmp_path):
+    """--fp8 trains through torchao Float8Linear (it runs on CPU) and the evals switch it off (nanochat.fp8):
+    the final val bpb equals a fresh high-precision evaluation of the saved weights."""
+    pytest.importorskip("torchao.float8")
+    import torch
+
+    from nanochat.checkpoint import load_model
+    from nanochat.dataloader import DataLoader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import Tokenizer
+
+    out = tmp_path / "fp8"
+    proc = run_stage(corpus, out, "--num-iterations", "3", "--eval-every", "3", "--sample-every", "-1",
+                     "--save-every", "-1", "--fp8", "--fp8-recipe", "rowwise")
+    assert "FP8 (rowwise) on" in proc.stdout
+    events = read_events(out)
+    fp8_bpb = val_bpbs(events)[3]
+    model, _ = load_model(str(out / "checkpoints"), 3)
+    assert not any(type(m).__name__ == "Float8Linear" for m in model.modules())
+    tok = Tokenizer.from_directory(corpus["tokenizer_dir"])
+    loader = DataLoader(corpus["data_dir"], tok, 2, 64, split="val", rank=0, world_size=1)
+    batches = ((x.contiguous(), y.contiguous()) for x, y in loader)
+    with torch.no_grad():
+        fresh = evaluate_bpb(model.eval(), batches, 2, tok.token_bytes())
+    assert abs(fresh - fp8_bpb) < 1e-6, (fresh, fp8_bpb)

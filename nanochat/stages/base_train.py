@@ -204,6 +204,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     from nanochat.common import COMPUTE_DTYPE, get_base_dir, get_peak_flops, print0, synchronize, write_result
     from nanochat.dataloader import DataLoader
     from nanochat.engine import Engine
+    from nanochat.fp8 import convert_to_fp8, fp8_disabled
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import Tokenizer
@@ -252,11 +253,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         del model_state
 
     if args.fp8:
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-        convert_to_float8_training(
-            orig_model, config=Float8LinearConfig.from_recipe_name(args.fp8_recipe),
-            module_filter_fn=lambda m, fqn: (min(m.in_features, m.out_features) >= 128
-                                             and m.in_features % 16 == 0 and m.out_features % 16 == 0))
+        n_fp8 = convert_to_fp8(orig_model, args.fp8_recipe)
+        print0(f"FP8 ({args.fp8_recipe}) on {n_fp8} Linear layers; evaluation runs them in {COMPUTE_DTYPE}")
     flops_per_token = orig_model.estimate_flops()  # counts every nn.Linear, so it survives the fp8 swap
     counts = orig_model.num_scaling_params()
     use_compile = args.compile if args.compile is not None else int(device.type == "cuda")
@@ -311,21 +309,25 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         last_step = step == N
         # --- val bpb
         if last_step or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
+            # evaluation: the uncompiled model with FP8 switched off (nanochat.fp8), in the compute dtype
+            orig_model.eval()
             val_loader = DataLoader(args.data_dir, tokenizer, dbs, T, split="val", rank=rank,
                                     world_size=world_size, device=device)
             # targets from the loader are strided views of one (B, T+1) buffer; evaluators may .view() them
             val_batches = ((x.contiguous(), y.contiguous()) for x, y in val_loader)
-            val_bpb = evaluate_bpb(model, val_batches, eval_steps, token_bytes)
+            with fp8_disabled(orig_model):
+                val_bpb = evaluate_bpb(orig_model, val_batches, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
             print0(f"step {step:05d} | val bpb: {val_bpb:.6f}")
             events.metric(step, **{"val/bpb": val_bpb})
-            model.train()
+            orig_model.train()
         # --- CORE (optional: needs core_eval and a bundle)
         if (args.core_metric_every > 0 and evaluate_core is not None and os.path.isdir(bundle_dir)
                 and (last_step or (step > 0 and step % args.core_metric_every == 0))):
             orig_model.eval()
-            core = evaluate_core(orig_model, tokenizer, bundle_dir, device, max_per_task=args.core_metric_max_per_task)
+            with fp8_disabled(orig_model):
+                core = evaluate_core(orig_model, tokenizer, bundle_dir, device,
+                                     max_per_task=args.core_metric_max_per_task)
             orig_model.train()
             core_metric = core["core_metric"]
             print0(f"step {step:05d} | CORE metric: {core_metric:.4f}")
@@ -338,12 +340,13 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         if rank == 0 and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
             orig_model.eval()
             engine = Engine(orig_model, tokenizer)
-            for prompt in SAMPLE_PROMPTS:
-                ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
-                out, _ = engine.generate_batch(ids, num_samples=1, max_tokens=16, temperature=0)
-                text = tokenizer.decode(out[0][len(ids):])
-                print0(f"sample: {prompt!r} -> {text!r}")
-                events.log("sample", step=step, prompt=prompt, text=prompt + text)
+            with fp8_disabled(orig_model):
+                for prompt in SAMPLE_PROMPTS:
+                    ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                    out, _ = engine.generate_batch(ids, num_samples=1, max_tokens=16, temperature=0)
+                    text = tokenizer.decode(out[0][len(ids):])
+                    print0(f"sample: {prompt!r} -> {text!r}")
+                    events.log("sample", step=step, prompt=prompt, text=prompt + text)
             orig_model.train()
         # --- checkpoint (the state after `step` optimizer steps, before the next batch is drawn)
         if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
