@@ -241,7 +241,8 @@ class BaseEvalOptions(_Model):
 class SFTOptions(_Model):
     """nanochat.stages.sft flags (reference/nanochat.md 11.2). None = inherit from the base checkpoint.
     The mixture: generated identity / arithmetic (calculator tool) / spelling conversations and, when
-    chitchat_epochs > 0, chitchat-dataset 0.9.0 (pip download on first use). *_epochs = repeats in one epoch."""
+    chitchat_epochs > 0, chitchat-dataset 0.9.0 (pip download on first use), plus GSM8K-style word problems (the
+    RL train split, so RL starts from a model that answers "#### N"). *_epochs = repeats in one epoch."""
     num_iterations: int = -1                      # -1 = one epoch of the mixture
     max_seq_len: Optional[int] = Field(None, ge=1)
     device_batch_size: Optional[int] = Field(None, ge=1)
@@ -266,13 +267,19 @@ class SFTOptions(_Model):
     spelling_epochs: int = Field(1, ge=0)
     chitchat_epochs: int = Field(1, ge=0)         # 0 = off (needs PyPI access once)
     chitchat_max: Optional[int] = Field(None, ge=1)   # None = every usable chat (about 4,000)
+    word_problem_examples: int = Field(2000, ge=0)    # GSM8K-style "#### N" problems (rl_data train split)
+    word_problem_epochs: int = Field(1, ge=0)
+    save_every: int = 200                         # checkpoint every N steps for mid-run resume; -1 = only final
 
-    _check = field_validator("num_iterations", "eval_every")(_off_or_positive)
+    _check = field_validator("num_iterations", "eval_every", "save_every")(_off_or_positive)
 
 
 class RLOptions(_Model):
-    """chat_rl flags (reference/nanochat.md 11.3): REINFORCE on GSM8K from the SFT checkpoint."""
+    """nanochat.stages.rl flags (reference/nanochat.md 11.3): REINFORCE from the SFT checkpoint on generated
+    GSM8K-style word problems (nanochat.rl_data), pass@k on held-out ones; resumes from save_every checkpoints."""
     num_epochs: int = Field(1, ge=1)
+    num_steps: int = -1                           # -1 = num_epochs passes over train_problems
+    train_problems: int = Field(7473, ge=1)       # generated train problems (GSM8K train has 7473)
     device_batch_size: int = Field(8, ge=1)
     examples_per_step: int = Field(16, ge=1)
     num_samples: int = Field(16, ge=1)
@@ -286,15 +293,24 @@ class RLOptions(_Model):
     init_lr_frac: float = Field(0.05, gt=0)
     eval_every: int = 60
     eval_examples: int = Field(400, ge=1)
-    save_every: int = 60
+    eval_samples: int = Field(8, ge=1)            # samples per eval problem: pass@1..pass@eval_samples
+    save_every: int = 60                          # -1 = only the final checkpoint
 
-    _check = field_validator("eval_every", "save_every")(_off_or_positive)
+    _check = field_validator("num_steps", "eval_every", "save_every")(_off_or_positive)
+
+    @model_validator(mode="after")
+    def _check_passes(self):
+        if self.num_samples % self.device_batch_size:
+            raise ValueError(f"num_samples {self.num_samples} must be a multiple of device_batch_size "
+                             f"{self.device_batch_size} (rollouts are generated in passes of device_batch_size)")
+        return self
 
 
 class ChatEvalOptions(_Model):
     """chat_eval flags (reference/nanochat.md 11.4)."""
     source: Optional[Literal["sft", "rl"]] = None  # None = the last of sft/rl in the pipeline
-    tasks: tuple[Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"], ...] = \
+    # the 5 ChatCORE tasks by default; SpellingBee is opt-in and reported beside ChatCORE, never in it
+    tasks: tuple[Literal["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"], ...] = \
         Field(CHAT_TASKS, min_length=1, strict=False)
     temperature: float = Field(0.0, ge=0)
     max_new_tokens: int = Field(512, ge=1)

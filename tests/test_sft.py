@@ -1,5 +1,6 @@
 """Tests of the SFT stage: generated sources render with the right masks, packing invariants, token-weighted
-loss across micro-batches, and a tiny end-to-end run in a subprocess (offline: chitchat off).
+loss across micro-batches, a tiny end-to-end run in a subprocess (offline: chitchat off) and an exact mid-run
+resume from a periodic checkpoint.
 
     .venv/bin/pytest tests/test_sft.py -q
 """
@@ -180,7 +181,8 @@ def _run_sft(tmp_path, config, extra=(), nproc=1):
 def _config(base_checkpoint, tiny_tokenizer_dir, **kw):
     # exactly the keys the runner writes: the sft options + device_type, seed and the upstream inputs
     from specs.schema import SFTOptions
-    base = dict(chitchat_epochs=0, arithmetic_examples=120, spelling_examples=120, identity_epochs=4,
+    base = dict(chitchat_epochs=0, arithmetic_examples=120, spelling_examples=120, word_problem_examples=120,
+                identity_epochs=4,
                 max_seq_len=128, device_batch_size=4, total_batch_size=1024, eval_tokens=2048, eval_every=10,
                 matrix_lr=0.04)
     opts = SFTOptions(**{**base, **kw}).model_dump()
@@ -192,7 +194,7 @@ def _config(base_checkpoint, tiny_tokenizer_dir, **kw):
 def test_sft_end_to_end(tmp_path, base_checkpoint, tiny_tokenizer_dir):
     from nanochat.checkpoint import load_model
     out, proc = _run_sft(tmp_path, _config(base_checkpoint, tiny_tokenizer_dir, num_iterations=30))
-    assert "warm-started the optimizer" in proc.stdout
+    assert "warm-started the optimizer" in proc.stdout and "'word_problems': {'train': 114" in proc.stdout
     result = json.loads((out / "result.json").read_text())
     m = result["metrics"]
     assert result["stage"] == "sft" and m["num_iterations"] == 30
@@ -244,3 +246,47 @@ def test_sft_two_ranks_match_one_rank_with_accumulation(tmp_path, base_checkpoin
     r2 = json.loads((two / "result.json").read_text())["metrics"]
     assert r2["world_size"] == 2 and r1["supervised_tokens"] == r2["supervised_tokens"]
     assert r1["val_loss"] == pytest.approx(r2["val_loss"], abs=2e-3)
+
+
+def _losses(out):
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    metrics = [e for e in events if e["kind"] == "metric"]
+    train = {e["step"]: e["values"]["train/loss"] for e in metrics if "train/loss" in e["values"]}
+    val = {e["step"]: e["values"]["val/loss"] for e in metrics if "val/loss" in e["values"]}
+    return train, val
+
+
+@pytest.mark.slow
+def test_sft_resumes_exactly_from_a_periodic_checkpoint(tmp_path, base_checkpoint, tiny_tokenizer_dir):
+    """6 steps straight vs. a crash right after the step-3 checkpoint and a restart: identical losses (data order,
+    optimizer state and schedules continue where they were), the same final weights and result."""
+    import shutil
+
+    from nanochat.checkpoint import list_steps, load_model
+    cfg = _config(base_checkpoint, tiny_tokenizer_dir, num_iterations=6, eval_every=3, save_every=3)
+    full, _ = _run_sft(tmp_path / "full", cfg)
+    assert list_steps(str(full / "checkpoints")) == [3, 6]
+    assert os.path.exists(full / "checkpoints" / "state_000003_rank0.pt")
+    train, val = _losses(full)
+    assert sorted(train) == list(range(6)) and sorted(val) == [0, 3, 6]
+
+    resumed = tmp_path / "resumed" / "out"
+    shutil.copytree(full, resumed)
+    os.remove(resumed / "result.json")
+    for f in os.listdir(resumed / "checkpoints"):
+        if "000006" in f:
+            os.remove(resumed / "checkpoints" / f)
+    (resumed / "events.jsonl").write_text("")
+    _, proc = _run_sft(tmp_path / "resumed", cfg)
+    assert "resuming from step 3" in proc.stdout and "warm-started" not in proc.stdout
+    train2, val2 = _losses(resumed)
+    assert train2 == {s: v for s, v in train.items() if s >= 3}
+    assert val2 == {s: v for s, v in val.items() if s >= 3}
+    r1 = json.loads((full / "result.json").read_text())["metrics"]
+    r2 = json.loads((resumed / "result.json").read_text())["metrics"]
+    assert r2["resumed_from"] == 3 and r1["supervised_tokens"] == r2["supervised_tokens"]
+    assert r1["train_loss"] == r2["train_loss"] and r1["val_loss"] == r2["val_loss"]
+    a, meta = load_model(str(full / "checkpoints"))
+    b, _ = load_model(str(resumed / "checkpoints"))
+    assert meta["stage"] == "sft" and meta["step"] == 6
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))

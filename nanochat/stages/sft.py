@@ -9,6 +9,9 @@ conversations (nanochat.sft_data), best-fit packed into rows of T+1 tokens, loss
 Differences from the reference: the loss of a step is the sum of token losses over every micro-batch of every
 rank divided by the step's total supervised tokens (each supervised token weighs the same, however the rows
 were split), and the data is generated/packaged offline instead of SmolTalk/MMLU/GSM8K train.
+Resume: every --save-every steps the model, every rank's optimizer shard and the loop state are saved; a restart
+with the same --out-dir continues from the newest complete checkpoint and logs exactly the losses an
+uninterrupted run would (the rows of a step are a pure function of the step, so the step is the data cursor).
 Outputs in --out-dir: events.jsonl, checkpoints/ (base_train's format, meta "stage": "sft"), result.json.
 """
 
@@ -54,6 +57,9 @@ def build_parser():
     a("--spelling-epochs", type=int, default=1)
     a("--chitchat-epochs", type=int, default=1, help="0 = off")
     a("--chitchat-max", type=int, default=None)
+    a("--word-problem-examples", type=int, default=2000, help="GSM8K-style '#### N' problems (rl_data train)")
+    a("--word-problem-epochs", type=int, default=1)
+    a("--save-every", type=int, default=200, help="checkpoint every N steps (resume); -1 = only the final one")
     return p
 
 
@@ -89,13 +95,14 @@ def muon_momentum(step):
 def build_mixture(args, cache_dir):
     """-> (train, val) conversation lists: each source's last val_fraction is held out, train repeats each
     source's rest *_epochs times and is shuffled with the seed."""
-    from nanochat import sft_data
+    from nanochat import rl_data, sft_data
     sources = [
         ("identity", sft_data.identity_conversations(args.identity_name, args.identity_creator),
          args.identity_epochs),
         ("arithmetic", sft_data.arithmetic_conversations(args.arithmetic_examples, args.seed),
          args.arithmetic_epochs),
         ("spelling", sft_data.spelling_conversations(args.spelling_examples, args.seed + 1), args.spelling_epochs),
+        ("word_problems", rl_data.word_problems("train", args.word_problem_examples), args.word_problem_epochs),
     ]
     if args.chitchat_epochs > 0:
         wheel = sft_data.fetch_chitchat(cache_dir)
@@ -178,7 +185,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     import torch
     import torch.distributed as dist
 
-    from nanochat.checkpoint import find_last_step, load_checkpoint, load_model, save_checkpoint
+    from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, load_model, save_checkpoint
     from nanochat.common import get_base_dir, print0, write_result
     from nanochat.sft_data import pack_rows, rows_to_batch
     from nanochat.tokenizer import Tokenizer
@@ -218,18 +225,38 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                device_batch_size=dbs, total_batch_size=B, grad_accum_steps=grad_accum, sources=source_counts,
                lrs=lrs, args=vars(args))
 
+    # --- resume from our own newest checkpoint if there is one (model, optimizer shard, RNG states)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    resume = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else None
+    if resume is not None:
+        model, resume_meta = load_model(ckpt_dir, resume, device)
+        model.train()
+        if resume_meta.get("num_iterations") != N:
+            raise ValueError(f"sft: the checkpoints in {ckpt_dir} belong to a run of "
+                             f"{resume_meta.get('num_iterations')} steps, this one has {N}: use another --out-dir")
+
     # --- optimizer, warm-started from this rank's pretraining shard when there is one
     optimizer = model.setup_optimizer(weight_decay=0.0, **lrs)
+    base_lrs = [g["initial_lr"] * args.init_lr_frac for g in optimizer.param_groups]
     has_optim = os.path.exists(os.path.join(args.checkpoint_dir, f"optim_{step0:06d}_rank0.pt"))
-    if args.load_optimizer and has_optim:
+    if resume is not None:
+        _, optim_state, _, rank_state = load_checkpoint(ckpt_dir, resume, device, rank, world_size=world_size)
+        optimizer.load_state_dict(optim_state)
+        del optim_state
+        if rank_state is not None:  # same world size: this rank's RNG states (a cross-world resume reseeds)
+            torch.set_rng_state(rank_state["torch_rng"])
+            random.setstate(rank_state["python_rng"])
+        print0(f"sft: resuming from step {resume} of {ckpt_dir}")
+        events.log("log", message="resumed", step=resume)
+    elif args.load_optimizer and has_optim:
         _, optim_state, _, _ = load_checkpoint(args.checkpoint_dir, step0, device, rank, world_size=world_size)
         optimizer.load_state_dict(optim_state)
         del optim_state
         print0("warm-started the optimizer from the base checkpoint")
     elif args.load_optimizer:
         print0("base checkpoint has no optimizer state: the optimizer starts fresh")
-    for group in optimizer.param_groups:  # load_state_dict restored the pretraining LRs: use ours, x init_lr_frac
-        group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
+    for group, lr in zip(optimizer.param_groups, base_lrs):  # load_state_dict restored saved LRs: use ours
+        group["lr"] = group["initial_lr"] = lr
     events.log("log", message="optimizer", warm_started=bool(args.load_optimizer and has_optim))
 
     def step_batches(step):
@@ -241,8 +268,22 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             out.append(rows_to_batch([train_rows[(start + i) % len(train_rows)] for i in range(dbs)], device))
         return out
 
+    meta = {"stage": "sft", "num_iterations": N, "model_config": base_meta["model_config"],
+            "user_config": vars(args), "max_seq_len": T, "device_batch_size": dbs, "total_batch_size": B,
+            "model_tag": base_meta.get("model_tag"), "base_checkpoint": {"dir": args.checkpoint_dir, "step": step0}}
+
+    def save(step):
+        state = {"step": step, "rows_consumed": step * rows_per_step, "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate()}
+        save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(),
+                        {**meta, "step": step, "val_loss": val_loss, "train_loss": train_loss,
+                         "supervised_tokens": supervised_total}, rank, rank_state=state)
+
+    first_step = resume or 0
     val_loss, train_loss, supervised_total, t_start = None, None, 0, time.time()
-    for step in range(N + 1):
+    if resume is not None:
+        train_loss, supervised_total = resume_meta.get("train_loss"), resume_meta.get("supervised_tokens", 0)
+    for step in range(first_step, N + 1):
         last = step == N
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
@@ -269,15 +310,13 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                                "train/dt": dt})
         if not math.isfinite(train_loss):
             raise ValueError(f"sft: loss is {train_loss} at step {step}")
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < N:
+            save(step + 1)
 
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    meta = {"stage": "sft", "step": N, "val_loss": val_loss, "model_config": base_meta["model_config"],
-            "user_config": vars(args), "max_seq_len": T, "device_batch_size": dbs, "total_batch_size": B,
-            "model_tag": base_meta.get("model_tag"), "base_checkpoint": {"dir": args.checkpoint_dir, "step": step0}}
-    save_checkpoint(ckpt_dir, N, model.state_dict(), optimizer.state_dict(), meta, rank)
+    save(N)
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "num_iterations": N,
                "conversations": len(train_convs), "supervised_tokens": supervised_total,
-               "training_time": time.time() - t_start, "world_size": world_size}
+               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume}
     if rank == 0:
         events.log("status", status="done")
         write_result(out_dir, "sft", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": N})
