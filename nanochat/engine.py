@@ -185,6 +185,7 @@ class KVCache:
         self.k_cache = torch.zeros(num_layers, batch_size, seq_len, num_heads, head_dim, device=device, dtype=dtype)
         self.v_cache = torch.zeros_like(self.k_cache)
         self.cache_seqlens = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        self.pos = 0    # == cache_seqlens[0], kept in Python so reading it never syncs with the device
         self.prev_embedding = None
 
     @classmethod
@@ -194,16 +195,18 @@ class KVCache:
 
     def reset(self):
         self.cache_seqlens.zero_()
+        self.pos = 0
         self.prev_embedding = None
 
     def get_pos(self):
-        return int(self.cache_seqlens[0].item())
+        return self.pos
 
     def get_layer_cache(self, layer_idx):
         return self.k_cache[layer_idx], self.v_cache[layer_idx]
 
     def advance(self, num_tokens):
         self.cache_seqlens += num_tokens
+        self.pos += num_tokens
 
     def prefill(self, other):
         """Copy a (usually batch-1) cache's filled prefix into this one, broadcasting over rows."""
@@ -213,14 +216,18 @@ class KVCache:
         self.k_cache[:, :, :pos] = other.k_cache[:, :, :pos]
         self.v_cache[:, :, :pos] = other.v_cache[:, :, :pos]
         self.cache_seqlens.fill_(pos)
+        self.pos = pos
         if other.prev_embedding is not None:
             B = self.k_cache.size(1)
             self.prev_embedding = other.prev_embedding.expand(B, -1, -1).clone()
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
-    """logits (B, V) -> next ids (B, 1). temperature 0 is argmax; top_k restricts to the k best."""
+    """logits (B, V) -> next ids (B, 1). temperature 0 is argmax; top_k restricts to the k best.
+    Over the full vocabulary this samples by inverting the CDF with ONE uniform per row: torch.multinomial
+    draws an exponential for every vocabulary entry (~0.6 ms per row at V=32768 on CPU, more than the whole
+    forward at batch 8). Same distribution; a given seed draws different tokens than multinomial would."""
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
     if top_k is not None and top_k > 0:
@@ -229,7 +236,87 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
         choice = torch.multinomial(probs, num_samples=1, generator=generator)
         return idx.gather(1, choice)
     probs = F.softmax(logits / temperature, dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)                                       # (B, V)
+    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device, dtype=torch.float64)
+    # the first index whose cumulative mass exceeds u * total: zero-probability entries can never be picked
+    ids = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return ids.clamp_(max=logits.size(-1) - 1)
+
+
+# -----------------------------------------------------------------------------
+# The single-token decode step for nanochat.gpt.GPT. It computes exactly what GPT.forward computes for T=1
+# (same ops in the same order, so the same floats: tests/test_engine.py checks logits and greedy tokens against
+# the full forward) minus the per-call overhead that dominates a ~30-op layer at batch 1 on CPU: module
+# __call__ dispatch, per-step weight casts (a full copy of the model per token under bf16), scalar-parameter
+# casts and the smear concatenation. Any other model (scripted test models, a compiled wrapper) gets
+# model(ids, kv_cache=cache). Keep this in step with GPT.forward.
+
+def decode_weights(model):
+    """What decode_step reads, cast once per generate() call to the compute dtype, or None when `model` is
+    not a nanochat GPT (the engine then calls the model itself)."""
+    from nanochat.gpt import GPT  # noqa: PLC0415 (the engine also drives stand-in models in tests)
+    if not isinstance(model, GPT):
+        return None
+    dt, t = COMPUTE_DTYPE, model.transformer
+
+    def w(linear):
+        return linear.weight.to(dt)
+
+    layers = []
+    for i, block in enumerate(t.h):
+        a, m = block.attn, block.mlp
+        layers.append({"q": w(a.c_q), "k": w(a.c_k), "v": w(a.c_v), "o": w(a.c_proj), "fc": w(m.c_fc),
+                       "proj": w(m.c_proj), "ve_gate": w(a.ve_gate) if a.ve_gate is not None else None,
+                       "ve": model.value_embeds[str(i)].weight if str(i) in model.value_embeds else None,
+                       "window": model.window_sizes[i], "H": a.n_head, "Hkv": a.n_kv_head, "D": a.head_dim})
+    return {"wte": t.wte.weight, "smear_gate": w(model.smear_gate), "lm_head": w(model.lm_head), "layers": layers,
+            # scalar parameters as Python floats, rounded to the compute dtype exactly as `.to(x.dtype)` does
+            "resid": model.resid_lambdas.detach().to(dt).tolist(), "x0": model.x0_lambdas.detach().to(dt).tolist(),
+            "smear_lambda": model.smear_lambda.detach().to(dt).item(),
+            "backout_lambda": model.backout_lambda.detach().to(dt).item()}
+
+
+@torch.inference_mode()
+def decode_step(model, weights, ids, cache):
+    """ids (B, 1) int64 -> logits (B, vocab_size) fp32 for the next position; writes k/v at cache.pos and
+    advances the cache by one. `weights` from decode_weights(model)."""
+    from nanochat.attention import attention  # noqa: PLC0415
+    from nanochat.gpt import QK_SCALE, SOFTCAP, apply_rotary, norm  # noqa: PLC0415
+    from nanochat.scaling import SMEAR_CHANNELS, VE_GATE_CHANNELS  # noqa: PLC0415
+    B, pos = ids.size(0), cache.pos
+    if pos + 1 > model.cos.size(1):
+        raise ValueError(f"sequence too long: position {pos} + 1 tokens > rotary table {model.cos.size(1)}")
+    cos, sin = model.cos[:, pos:pos + 1], model.sin[:, pos:pos + 1]                     # (1, 1, 1, D/2)
+    x = norm(F.embedding(ids, weights["wte"]).to(COMPUTE_DTYPE))                           # (B, 1, C)
+    gate = weights["smear_lambda"] * torch.sigmoid(F.linear(x[..., :SMEAR_CHANNELS], weights["smear_gate"]))
+    prev = cache.prev_embedding
+    x_new = x if prev is None else x + gate * prev.to(x.dtype).expand(B, 1, -1)
+    cache.prev_embedding = x
+    x = x0 = x_new
+    x_backout = None
+    for i, lw in enumerate(weights["layers"]):
+        x = weights["resid"][i] * x + weights["x0"][i] * x0
+        H, Hkv, D = lw["H"], lw["Hkv"], lw["D"]
+        h = norm(x)
+        q = F.linear(h, lw["q"]).view(B, 1, H, D)
+        k = F.linear(h, lw["k"]).view(B, 1, Hkv, D)
+        v = F.linear(h, lw["v"]).view(B, 1, Hkv, D)
+        if lw["ve"] is not None:
+            ve = F.embedding(ids, lw["ve"]).to(x.dtype)
+            g = 3 * torch.sigmoid(F.linear(h[..., :VE_GATE_CHANNELS], lw["ve_gate"]))       # (B, 1, Hkv)
+            v = v + g.unsqueeze(-1) * ve.view(B, 1, Hkv, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = norm(q) * QK_SCALE, norm(k) * QK_SCALE
+        y = attention(q, k, v, lw["window"], kv_cache=cache, layer_idx=i)
+        x = x + F.linear(y.reshape(B, 1, -1), lw["o"])
+        x = x + F.linear(F.relu(F.linear(norm(x), lw["fc"])).square(), lw["proj"])
+        if i == len(weights["layers"]) // 2:
+            x_backout = x
+    if x_backout is not None:
+        x = x - weights["backout_lambda"] * x_backout
+    cache.advance(1)
+    logits = F.linear(norm(x), weights["lm_head"])[:, 0, :model.config.vocab_size].float()
+    return SOFTCAP * torch.tanh(logits / SOFTCAP)
 
 
 class RowState:
@@ -281,7 +368,7 @@ class Engine:
         elif row.in_python:
             row.python_tokens.append(token)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Yields (token_column, token_masks): lists of length num_samples per step; mask 1 = sampled,
         0 = forced (calculator output). Stops at max_tokens (sequence_len when None), at the end of the model's
@@ -311,6 +398,7 @@ class Engine:
         cache.prefill(prefill_cache)
         del prefill_cache
 
+        weights = decode_weights(model)   # None: a stand-in model, called as model(ids, kv_cache=cache)
         rows = [RowState(tokens) for _ in range(num_samples)]
         generated = 0
         while True:
@@ -334,7 +422,10 @@ class Engine:
             if cache.get_pos() >= cache.k_cache.size(2) or all(r.completed for r in rows):
                 break
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = model(ids, kv_cache=cache)[:, -1, :]
+            if weights is not None:
+                logits = decode_step(model, weights, ids, cache)
+            else:
+                logits = model(ids, kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Non-streaming: returns (results, masks), per row the prompt + generated tokens without the stop

@@ -6,6 +6,7 @@ An OpenAI-compatible chat API over one loaded model, on the stdlib ThreadingHTTP
     server.serve_forever()
 
 Endpoints:
+    GET  /                      -> the web chat page (nanochat/web/chat.html: one file, no external resources)
     POST /v1/chat/completions   {"messages": [...], "temperature", "top_k", "max_tokens", "seed", "stream"}
                                 -> a chat.completion, or with stream=true a text/event-stream of
                                    `data: {chat.completion.chunk}` lines ending with `data: [DONE]`
@@ -28,6 +29,7 @@ import threading
 import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 
 from nanochat.engine import Engine, TextStream, fit_conversation, prompt_budget, trim_tokens
 
@@ -36,6 +38,18 @@ MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1 << 20      # 1 MiB of JSON is far above the character limits
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
+# the page may run only its own inline script/style and talk only to this server
+PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+            "img-src data:; base-uri 'none'; form-action 'none'")
+_page = None
+
+
+def chat_page():
+    """The web chat page's bytes (package data, so a non-editable install has it too); read once."""
+    global _page
+    if _page is None:
+        _page = resources.files("nanochat").joinpath("web/chat.html").read_bytes()
+    return _page
 
 
 class RequestError(Exception):
@@ -205,10 +219,23 @@ class Handler(BaseHTTPRequestHandler):
     def _error(self, e):
         self._send_json(e.status, e.body())
 
+    def _send_page(self):
+        data = chat_page()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Content-Security-Policy", PAGE_CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        self.wfile.write(data)
+
     def do_GET(self):
         path = self.path.split("?")[0].rstrip("/")
         s = self.service
-        if path == "/health":
+        if path in ("", "/index.html"):
+            self._send_page()
+        elif path == "/health":
             self._send_json(200, {"status": "ok", "ready": True, "busy": s.lock.locked(), "model": s.model_name})
         elif path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [

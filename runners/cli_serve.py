@@ -1,6 +1,6 @@
 """
-`nanorun serve`: an OpenAI-compatible chat API (POST /v1/chat/completions, GET /v1/models, GET /health) over a
-recorded run's checkpoint. The HTTP server itself is nanochat/server.py.
+`nanorun serve`: an OpenAI-compatible chat API (POST /v1/chat/completions, GET /v1/models, GET /health) and a web
+chat page (GET /) over a recorded run's checkpoint. The HTTP server itself is nanochat/server.py.
 
     nanorun serve                          # the newest run with a checkpoint, on 127.0.0.1:8000
     nanorun serve cpu_demo --port 8080
@@ -33,9 +33,10 @@ from runners.plan import get_home
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="nanorun home (default: $NANORUN_HOME or ~/.cache/nanorun).")
 def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, home):
-    """Serve a run's checkpoint as an OpenAI-compatible chat API.
+    """Serve a run's checkpoint as an OpenAI-compatible chat API and a web chat page.
 
-    Example: nanorun serve cpu_demo --port 8000, then use base_url http://127.0.0.1:8000/v1
+    Example: nanorun serve cpu_demo --port 8000, then open http://127.0.0.1:8000/ in a browser or use
+    base_url http://127.0.0.1:8000/v1 with any OpenAI client.
     """
     target = resolve_target(home or get_home(), run, checkpoint_dir, tokenizer_dir)
     from nanochat.server import load_service, make_server  # noqa: PLC0415 (torch only for this command)
@@ -53,6 +54,7 @@ def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, h
     kind = "chat" if service.chat else "base (plain text continuation)"
     sys.stderr.write(f"serve: model {name} step {meta.get('step')} ({kind}), "
                      f"sequence_len {service.model.config.sequence_len}\n"
+                     f"serve: web chat on http://{bound_host}:{bound_port}/\n"
                      f"serve: listening on http://{bound_host}:{bound_port}/v1\n")
     sys.stderr.flush()
     try:

@@ -4,7 +4,7 @@ Run: .venv/bin/pytest tests/test_engine.py"""
 
 import torch
 
-from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.engine import Engine, KVCache, decode_step, decode_weights, sample_next_token
 from nanochat.gpt import GPTConfig, build_model
 
 VOCAB = 300
@@ -56,6 +56,45 @@ def test_engine_temperature_zero_matches_naive_generate():
         expected = naive if stop is None else naive[:stop + 1]
         assert cached == expected
         assert len(expected) >= 5
+
+
+def test_decode_step_equals_full_forward_bit_for_bit():
+    """The engine's single-token path computes exactly GPT.forward's floats: value embeddings, smear (switched on),
+    backout, and windows shorter than the context (sequence_len 16 with up to 35 cached positions)."""
+    model = random_model(seed=8, n_layer=4, window_pattern="SSSL", sequence_len=16)
+    with torch.no_grad():
+        model.smear_lambda.fill_(0.7)
+    prompt = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(0))
+    prefill = KVCache.for_model(model, 1, 10)
+    with torch.no_grad():
+        model(prompt, kv_cache=prefill)
+    fast, slow = KVCache.for_model(model, 3, 40), KVCache.for_model(model, 3, 40)
+    fast.prefill(prefill)
+    slow.prefill(prefill)
+    weights = decode_weights(model)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(25):
+        ids = torch.randint(0, 256, (3, 1), generator=g)
+        logits = decode_step(model, weights, ids, fast)
+        with torch.no_grad():
+            expected = model(ids, kv_cache=slow)[:, -1]
+        assert torch.equal(logits, expected)
+        assert torch.equal(fast.k_cache, slow.k_cache) and fast.get_pos() == slow.get_pos()
+    assert fast.get_pos() == 35 and fast.cache_seqlens.tolist() == [35, 35, 35]
+    assert decode_weights(torch.nn.Linear(2, 2)) is None    # other models are called as model(ids, kv_cache=...)
+
+
+def test_full_vocabulary_sampling_follows_the_softmax():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -float("inf")]]).repeat(40000, 1)
+    for temperature in (1.0, 2.0):
+        ids = sample_next_token(logits, torch.Generator().manual_seed(0), temperature=temperature)
+        assert ids.shape == (40000, 1)
+        freq = torch.bincount(ids[:, 0], minlength=5).float() / len(ids)
+        expected = torch.softmax(logits[0] / temperature, dim=-1)
+        assert freq[4] == 0 and torch.allclose(freq, expected, atol=0.01), (freq, expected)
+    one_hot = torch.full((3, 7), -float("inf"))
+    one_hot[:, 6] = 0.0                                     # the last entry is the only possible one
+    assert sample_next_token(one_hot, torch.Generator().manual_seed(0)).flatten().tolist() == [6, 6, 6]
 
 
 def test_generate_batch_rows_agree_at_temp0_and_masks():

@@ -84,6 +84,20 @@ def test_models_and_health(chat_url):
     assert status == 404 and "no such endpoint: GET /v1/nope" in err["error"]["message"]
 
 
+def test_web_chat_page(chat_url):
+    """GET / is the self-contained chat page (the browser test is tests/test_web_chat.py)."""
+    with urllib.request.urlopen(chat_url + "/", timeout=30) as r:
+        page, headers = r.read().decode(), r.headers
+    assert headers["Content-Type"] == "text/html; charset=utf-8" and int(headers["Content-Length"]) == len(page)
+    assert "connect-src 'self'" in headers["Content-Security-Policy"]
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    assert page.startswith("<!DOCTYPE html>") and "/v1/chat/completions" in page and "stream: true" in page
+    assert "http://" not in page and "https://" not in page and "src=" not in page   # nothing external to load
+    assert ".innerHTML" not in page and page.isascii()
+    with urllib.request.urlopen(chat_url + "/index.html?x=1", timeout=30) as r:
+        assert r.read().decode() == page
+
+
 def test_non_streaming_completion_shape_usage_and_determinism(chat_url):
     body = {"messages": user("hello there"), "max_tokens": 7, "temperature": 0}
     status, out = post(chat_url, body)
