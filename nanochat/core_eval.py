@@ -7,9 +7,11 @@ Three task types (records as in the DCLM / llm-foundry bundle, see nanochat/core
   schema            {context_options[], continuation, gold}  one prompt per context, scored on the common suffix
   language_modeling {context, continuation}           correct only if greedy argmax reproduces every continuation token
 
-Unlike the reference (one example per forward) we pack the rows of many examples into one right-padded batch
-(pad = BOS) up to a token budget; a causal model makes every row's scores independent of its batch neighbours,
-so the results equal one-example-at-a-time scoring. Under torchrun ranks stride over examples and all-reduce.
+Unlike the reference (one example per forward, full logits) we pack the rows of many examples into one right-padded
+batch (pad = BOS) up to a token budget, run a multiple-choice example's shared few-shot prefix once with its choices
+against the prefix's KV cache, and compute the vocabulary head only where a token is scored. A causal model makes
+every row's scores independent of its batch neighbours and of padding, so the results equal one-example-at-a-time
+scoring (tests/test_core_eval.py checks each path). Under torchrun ranks stride over examples and all-reduce.
 
     from nanochat.core_eval import evaluate_core
     out = evaluate_core(model, tokenizer, bundle_dir, device, max_per_task=500)
@@ -17,6 +19,7 @@ so the results equal one-example-at-a-time scoring. Under torchrun ranks stride 
 """
 
 import csv
+import inspect
 import json
 import os
 import random
@@ -228,31 +231,28 @@ def prepare_example(idx, items, task_meta, tokenizer, max_seq_len=None):
 
 
 # -----------------------------------------------------------------------------
-# Scoring
+# Scoring. Three paths, all giving the same per-row (mean CE over the span, greedy hit) up to float rounding:
+#   reference      batch_tokens=0: one example per forward, full (B, T, V) logits (the reference's method)
+#   packed         rows of many examples right-padded into one forward of at most batch_tokens tokens
+#   shared prefix  multiple choice on our GPT: the choices' common prefix (the few-shot context and the query)
+#                  runs once at batch 1 into a KV cache and only the short choice tails run as a batch against it
+# With a model whose forward takes logit_positions (nanochat.gpt.GPT), the packed and shared-prefix paths run the
+# lm_head (vocab 32768), softcap and CE only at the scored positions instead of over the whole prompt.
+PREFIX_MIN_SAVED = 256   # tokens the shared prefix must save (prefix length x (choices - 1)) to be worth 2 forwards
 
 
-@torch.no_grad()
-def _score_rows(model, rows, spans, pad_id, device):
-    """One forward over right-padded rows. Per row: (mean CE over its span, all argmax == targets)."""
-    width = max(len(r) for r in rows)
-    idx = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-    idx = idx.to(device)
-    logits = model(idx)  # (B, T, V) fp32
-    # logits at position p predict token p+1: a span [s, e) is scored at positions s-1 .. e-2
-    row_ix, pos_ix, counts = [], [], []
-    for i, (s, e) in enumerate(spans):
-        n = max(0, e - s)
-        row_ix.extend([i] * n)
-        pos_ix.extend(range(s - 1, e - 1))
-        counts.append(n)
-    row_t = torch.tensor(row_ix, dtype=torch.long, device=device)
-    pos_t = torch.tensor(pos_ix, dtype=torch.long, device=device)
-    picked = logits[row_t, pos_t].float()  # (N, V)
-    targets = idx[row_t, pos_t + 1]
-    losses = F.cross_entropy(picked, targets, reduction="none").cpu()
-    hits = (picked.argmax(dim=-1) == targets).cpu()
+def _takes_positions(model):
+    return "logit_positions" in inspect.signature(model.forward).parameters
+
+
+def _takes_kv_cache(model):
+    return _takes_positions(model) and hasattr(model, "config") and hasattr(model, "lm_head")
+
+
+def _span_scores(logits, targets, counts):
+    """logits (N, V) at the scored positions, targets (N,), counts = positions per row -> [(mean CE, all hit)]."""
+    losses = F.cross_entropy(logits.float(), targets, reduction="none").cpu()
+    hits = (logits.argmax(dim=-1) == targets).cpu()
     out, offset = [], 0
     for n in counts:
         if n == 0:
@@ -263,6 +263,81 @@ def _score_rows(model, rows, spans, pad_id, device):
     return out
 
 
+@torch.inference_mode()
+def _score_rows(model, rows, spans, pad_id, device, select=False):
+    """One forward over right-padded rows. Per row: (mean CE over its span, all argmax == targets).
+    select=True asks the model for logits at the scored positions only (logit_positions)."""
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        idx[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+    idx = idx.to(device)
+    # logits at position p predict token p+1: a span [s, e) is scored at positions s-1 .. e-2
+    row_ix, pos_ix, counts = [], [], []
+    for i, (s, e) in enumerate(spans):
+        n = max(0, e - s)
+        row_ix.extend([i] * n)
+        pos_ix.extend(range(s - 1, e - 1))
+        counts.append(n)
+    row_t = torch.tensor(row_ix, dtype=torch.long, device=device)
+    pos_t = torch.tensor(pos_ix, dtype=torch.long, device=device)
+    if select:
+        picked = model(idx, logit_positions=(row_t, pos_t))  # (N, V)
+    else:
+        picked = model(idx)[row_t, pos_t]  # (B, T, V) -> (N, V)
+    return _span_scores(picked, idx[row_t, pos_t + 1], counts)
+
+
+@torch.inference_mode()
+def _score_shared_prefix(model, rows, spans, prefix_len, device):
+    """Rows that share their first prefix_len tokens, every span starting at or after prefix_len. The prefix is
+    prefilled once (batch 1) into a KV cache, copied to one cache row per choice, and the tails run as one batch
+    (right-padded; a causal model never looks at the padding). Same result as scoring each full row."""
+    from nanochat.engine import KVCache
+    p, n = prefix_len, len(rows)
+    tails = [r[p:] for r in rows]
+    width = max(len(t) for t in tails)
+    prefix_cache = KVCache.for_model(model, 1, p)
+    zero = torch.zeros(1, dtype=torch.long, device=device)
+    ids = torch.tensor([rows[0][:p]], dtype=torch.long, device=device)
+    last = model(ids, kv_cache=prefix_cache, logit_positions=(zero, zero + p - 1))  # (1, V): predicts token p
+    # which logits score each target token t (s <= t < e): position t-1 = p-1 is the prefix's last one, the
+    # others are tail positions t-1-p of that row's forward
+    tail_rows, tail_cols, order, targets, counts = [], [], [], [], []
+    for i, (s, e) in enumerate(spans):
+        counts.append(max(0, e - s))
+        for t in range(s, e):
+            targets.append(rows[i][t])
+            if t - 1 == p - 1:
+                order.append(-1)
+            else:
+                order.append(len(tail_rows))
+                tail_rows.append(i)
+                tail_cols.append(t - 1 - p)
+    picked = last.new_empty((len(order), last.size(-1)))
+    first = torch.tensor([k for k, o in enumerate(order) if o < 0], dtype=torch.long, device=device)
+    picked[first] = last.expand(len(first), -1)
+    if tail_rows:
+        cache = KVCache.for_model(model, n, p + width)
+        cache.prefill(prefix_cache)
+        idx = torch.full((n, width), rows[0][0], dtype=torch.long)   # pad with the BOS the rows start with
+        for i, t in enumerate(tails):
+            idx[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        rows_t = torch.tensor(tail_rows, dtype=torch.long, device=device)
+        cols_t = torch.tensor(tail_cols, dtype=torch.long, device=device)
+        rest = torch.tensor([k for k, o in enumerate(order) if o >= 0], dtype=torch.long, device=device)
+        picked[rest] = model(idx.to(device), kv_cache=cache, logit_positions=(rows_t, cols_t))
+    return _span_scores(picked, torch.tensor(targets, dtype=torch.long, device=device), counts)
+
+
+def _shared_prefix_len(rows, starts):
+    """Length of the prefix worth sharing (0 = not worth it): every span must start after it."""
+    if len(rows) < 2:
+        return 0
+    p = min(_common_prefix_len(rows), min(starts))
+    return p if p >= 1 and p * (len(rows) - 1) >= PREFIX_MIN_SAVED else 0
+
+
 def _decide(task_type, item, scores):
     if task_type == "language_modeling":
         return scores[0][1]
@@ -271,16 +346,36 @@ def _decide(task_type, item, scores):
 
 
 def score_examples(model, tokenizer, items, task_meta, device, max_seq_len=None, batch_tokens=8192,
-                   indices=None):
+                   indices=None, shared_prefix=True, details=None):
     """Correctness (list of bool) of the examples in `indices` (default all). batch_tokens=0 runs one
-    example per forward, like the reference; otherwise examples are packed into forwards of at most
-    batch_tokens padded tokens (an example larger than the budget still runs, alone)."""
+    example per forward with full logits, like the reference; otherwise examples are packed into forwards of at
+    most batch_tokens padded tokens (an example larger than the budget still runs, alone), and, when the model
+    supports it and shared_prefix is on, multiple-choice examples run their common prefix once (see above).
+    details: an optional dict filled with {index: [(mean CE, all hit) per row]} (tests compare the paths)."""
     indices = list(range(len(items))) if indices is None else list(indices)
     bos = tokenizer.get_bos_token_id()
     prepared = {i: prepare_example(i, items, task_meta, tokenizer, max_seq_len) for i in indices}
-    # longest first so neighbours in a batch have similar lengths (little padding)
-    order = sorted(indices, key=lambda i: -max(len(r) for r in prepared[i][0])) if batch_tokens else indices
+    select = bool(batch_tokens) and _takes_positions(model)
     results = {}
+
+    def decide(i, scores):
+        results[i] = _decide(task_meta["type"], items[i], scores)
+        if details is not None:
+            details[i] = scores
+
+    packed = indices
+    if batch_tokens and shared_prefix and _takes_kv_cache(model):
+        packed = []
+        for i in indices:
+            rows, starts, ends = prepared[i]
+            p = _shared_prefix_len(rows, starts)
+            if p:
+                decide(i, _score_shared_prefix(model, rows, list(zip(starts, ends)), p, device))
+            else:
+                packed.append(i)
+
+    # longest first so neighbours in a batch have similar lengths (little padding)
+    order = sorted(packed, key=lambda i: -max(len(r) for r in prepared[i][0])) if batch_tokens else packed
     pending, pending_rows, width = [], 0, 0
 
     def flush():
@@ -289,11 +384,11 @@ def score_examples(model, tokenizer, items, task_meta, device, max_seq_len=None,
             r, s, e = prepared[i]
             rows.extend(r)
             spans.extend(zip(s, e))
-        scores = _score_rows(model, rows, spans, bos, device)
+        scores = _score_rows(model, rows, spans, bos, device, select)
         offset = 0
         for i in pending:
             n = len(prepared[i][0])
-            results[i] = _decide(task_meta["type"], items[i], scores[offset:offset + n])
+            decide(i, scores[offset:offset + n])
             offset += n
 
     for i in order:

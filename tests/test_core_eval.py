@@ -180,6 +180,75 @@ def test_batched_equals_one_example_per_forward(kind):
     assert counter.forwards == 10
 
 
+def _random_gpt(seed=0, window_pattern="SL"):
+    """A small real nanochat GPT (GQA, a sliding-window layer narrower than the prompts) with every weight
+    perturbed, so no block is the identity (init zeroes the output projections) and the logits are far from flat."""
+    from nanochat.gpt import GPTConfig, build_model
+    torch.manual_seed(seed)
+    config = GPTConfig(sequence_len=512, vocab_size=257, n_layer=3, n_head=2, n_kv_head=1, n_embd=64,
+                       window_pattern=window_pattern)
+    model = build_model(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_gpt_logit_positions_are_the_full_logits_at_those_positions():
+    model = _random_gpt()
+    idx = torch.randint(0, 257, (3, 40))
+    rows, cols = torch.tensor([0, 0, 2, 1]), torch.tensor([0, 39, 17, 5])
+    full = model(idx)
+    assert full.shape == (3, 40, 257)                                  # default off: unchanged
+    picked = model(idx, logit_positions=(rows, cols))
+    assert picked.shape == (4, 257)
+    torch.testing.assert_close(picked, full[rows, cols], rtol=1e-5, atol=1e-5)
+    assert full.std() > 0.5                                            # real, varied logits
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "schema", "language_modeling"])
+def test_fast_paths_match_reference_on_gpt(kind, monkeypatch):
+    """The packed + head-only-where-scored path and the shared-prefix KV path give the same per-example answers,
+    the same greedy hits and allclose span losses as one example per forward with full logits."""
+    model = _random_gpt()
+    prefix_calls = []
+    model.register_forward_pre_hook(lambda m, a, kw: prefix_calls.append(kw.get("kv_cache") is not None),
+                                    with_kwargs=True)
+    items = _random_items(kind, 16, seed=7)
+    meta = {"type": kind, "shots": 4, "delimiter": " "}
+    ref, fast, packed_only = {}, {}, {}
+    out_ref = score_examples(model, TOK, items, meta, "cpu", batch_tokens=0, details=ref)
+    assert not any(prefix_calls)
+    out_fast = score_examples(model, TOK, items, meta, "cpu", batch_tokens=2048, details=fast)
+    out_packed = score_examples(model, TOK, items, meta, "cpu", batch_tokens=2048, shared_prefix=False,
+                                details=packed_only)
+    assert out_fast == out_ref and out_packed == out_ref
+    for got in (fast, packed_only):
+        for i, rows in ref.items():
+            assert [h for _, h in got[i]] == [h for _, h in rows]
+            assert [loss for loss, _ in got[i]] == pytest.approx([loss for loss, _ in rows], rel=1e-4, abs=1e-5)
+    # multiple choice really took the shared-prefix path (KV-cache forwards); the others never do
+    assert any(prefix_calls) == (kind == "multiple_choice")
+    if kind == "multiple_choice":
+        assert 0 < sum(out_ref) < len(items)                          # the choice is not trivial
+        losses = [loss for rows in ref.values() for loss, _ in rows]
+        assert max(losses) - min(losses) > 0.5
+
+
+def test_shared_prefix_handles_single_token_and_empty_tails(monkeypatch):
+    """Choices one token long are scored from the prefix's last logits alone (no tail forward); a choice equal to
+    another's prefix still gets its own span."""
+    monkeypatch.setattr(core_eval, "PREFIX_MIN_SAVED", 0)
+    model = _random_gpt(seed=1)
+    items = [{"query": "alpha beta gamma", "choices": ["x", "y", "z"], "gold": 1},
+             {"query": "delta eps", "choices": ["ab", "abc", "b"], "gold": 0}]
+    ref, fast = {}, {}
+    assert score_examples(model, TOK, items, MC, "cpu", batch_tokens=0, details=ref) == \
+        score_examples(model, TOK, items, MC, "cpu", details=fast)
+    for i in ref:
+        assert [loss for loss, _ in fast[i]] == pytest.approx([loss for loss, _ in ref[i]], rel=1e-4, abs=1e-5)
+
+
 def test_parse_core_yaml_agrees_with_pyyaml():
     text = textwrap.dedent('''\
         # comment
