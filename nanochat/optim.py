@@ -110,17 +110,39 @@ def _pad_rows(t, rows):
 
 def adamw_update(p, g, exp_avg, exp_avg_sq, t, lr, wd, eps, beta1, beta2):
     """One AdamW step (reference 4.2) on p (a whole param or a row slice of it) in place; math in fp32,
-    results written back in the param / state dtype. t = step count after this step (bias correction)."""
+    results written back in the param / state dtype. t = step count after this step (bias correction).
+    The hyperparameters may be Python numbers or 0-d tensors (the compiled path: no recompile per value)."""
     g = g.float()
     m = exp_avg.float().lerp_(g, 1 - beta1)
     v = exp_avg_sq.float().lerp_(g.square(), 1 - beta2)
     bias1, bias2 = 1 - beta1 ** t, 1 - beta2 ** t
-    denom = (v.sqrt() / math.sqrt(bias2)).add_(eps)
+    denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
     pf = p.float().mul_(1 - lr * wd)                      # decoupled weight decay
-    pf.addcdiv_(m, denom, value=-lr / bias1)
+    step_size = lr / bias1
+    if isinstance(step_size, torch.Tensor):
+        pf.sub_(m / denom * step_size)
+    else:
+        pf.addcdiv_(m, denom, value=-step_size)
     p.copy_(pf)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
+
+
+_COMPILED = {}
+
+
+def compiled(fn):
+    """torch.compile(fn) once per function (fullgraph; shapes become dynamic after the first recompile, so the
+    many AdamW param shapes do not each cost a compile)."""
+    if fn not in _COMPILED:
+        _COMPILED[fn] = torch.compile(fn, fullgraph=True)
+    return _COMPILED[fn]
+
+
+def _as_tensors(values, device):
+    """Python hyperparameters -> 0-d fp32 tensors, so a compiled step guards on dtype/shape, not on the value
+    (the LR, momentum and weight decay change every step)."""
+    return tuple(torch.tensor(float(v), dtype=torch.float32, device=device) for v in values)
 
 
 def param_layout(group, p, world_size):
@@ -199,6 +221,12 @@ class MuonAdamW(torch.optim.Optimizer):
                     raise ValueError(f"MuonAdamW: muon group {g.get('name')!r} needs 2-D params of one shape")
         super().__init__(param_groups, defaults={})
         self.rank, self.world_size = _dist_rank_world()  # the sharding is fixed when the optimizer is built
+        self.compile = False  # True: the Muon and AdamW math runs torch.compile'd (base_train --compile-optimizer)
+
+    def _update_fns(self):
+        if self.compile:
+            return compiled(adamw_update), compiled(muon_update)
+        return adamw_update, muon_update
 
     # --- layout and checkpoints ----------------------------------------------
 
@@ -322,6 +350,9 @@ class MuonAdamW(torch.optim.Optimizer):
         state["step"] += 1
         beta1, beta2 = group["betas"]
         hp = (state["step"], group["lr"], group["weight_decay"], group["eps"], beta1, beta2)
+        adamw_update = self._update_fns()[0]
+        if self.compile:
+            hp = _as_tensors(hp, p.device)
         if not sharded:
             adamw_update(p, g, state["exp_avg"], state["exp_avg_sq"], *hp)
             return [p], None, None
@@ -349,7 +380,11 @@ class MuonAdamW(torch.optim.Optimizer):
             state["second_momentum_buffer"] = torch.zeros(shape, dtype=torch.float32, device=g.device)
         lo = rank * chunk
         k = max(0, min(chunk, K - lo))                            # real matrices owned
-        hp = (group["lr"], group["momentum"], group["beta2"], group["weight_decay"], group["ns_steps"])
+        hp = (group["lr"], group["momentum"], group["beta2"], group["weight_decay"])
+        muon_update = self._update_fns()[1]
+        if self.compile:
+            hp = _as_tensors(hp, g.device)
+        hp = (*hp, group["ns_steps"])
         if W == 1:
             new = muon_update(g, torch.stack(params), state["momentum_buffer"], state["second_momentum_buffer"], *hp)
             torch._foreach_copy_(params, list(new.to(params[0].dtype).unbind(0)))

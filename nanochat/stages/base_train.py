@@ -75,7 +75,10 @@ def build_parser():
     a("--sample-every", type=int, default=2000)
     a("--save-every", type=int, default=-1)
     a("--model-tag", default=None)
-    a("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default 1 on cuda, 0 elsewhere)")
+    a("--compile", type=int, default=None, choices=[0, 1],
+      help="torch.compile the model (default 1 on cuda, 0 elsewhere)")
+    a("--compile-optimizer", type=int, default=None, choices=[0, 1],
+      help="torch.compile the Muon/AdamW math (default: as --compile)")
     a("--out-dir", default=None, help="stage directory (default $NANORUN_HOME/stages/base_train-manual)")
     a("--data-dir", default=None)
     a("--tokenizer-dir", default=None)
@@ -263,6 +266,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     optimizer = orig_model.setup_optimizer(
         unembedding_lr=r["unembedding_lr"], embedding_lr=r["embedding_lr"], matrix_lr=r["matrix_lr"],
         weight_decay=r["weight_decay_scaled"], scalar_lr=r["scalar_lr"], adam_betas=(args.adam_beta1, args.adam_beta2))
+    optimizer.compile = bool(use_compile if args.compile_optimizer is None else args.compile_optimizer)
+    print0(f"torch.compile: model {'on' if use_compile else 'off'}, optimizer {'on' if optimizer.compile else 'off'}")
     if resume_step >= 0:
         optimizer.load_state_dict(optim_state)  # this rank's shard, or a merged state re-sharded here
         del optim_state
