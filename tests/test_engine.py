@@ -95,6 +95,15 @@ def test_full_vocabulary_sampling_follows_the_softmax():
     one_hot = torch.full((3, 7), -float("inf"))
     one_hot[:, 6] = 0.0                                     # the last entry is the only possible one
     assert sample_next_token(one_hot, torch.Generator().manual_seed(0)).flatten().tolist() == [6, 6, 6]
+    # a vocabulary of several sampling blocks (256) plus a remainder: every draw lands on an allowed entry,
+    # in proportion to its probability
+    logits = torch.full((20000, 1000), -float("inf"))
+    allowed = torch.tensor([3, 255, 256, 700, 999])
+    logits[:, allowed] = torch.tensor([0.0, 1.0, 0.5, 2.0, -1.0])
+    ids = sample_next_token(logits, torch.Generator().manual_seed(1))[:, 0]
+    assert set(ids.tolist()) == set(allowed.tolist())
+    freq = torch.bincount(ids, minlength=1000)[allowed].float() / len(ids)
+    assert torch.allclose(freq, torch.softmax(logits[0, allowed], dim=-1), atol=0.015), freq
 
 
 def test_generate_batch_rows_agree_at_temp0_and_masks():
