@@ -84,6 +84,21 @@ def test_decode_step_equals_full_forward_bit_for_bit():
     assert decode_weights(torch.nn.Linear(2, 2)) is None    # other models are called as model(ids, kv_cache=...)
 
 
+def test_decode_step_batch_one_matches_full_forward():
+    """Batch 1 takes the transposed-head GEMM (another summation order): equal up to float rounding."""
+    model = random_model(seed=9, n_layer=4, window_pattern="SSSL", sequence_len=16)
+    fast, slow = KVCache.for_model(model, 1, 30), KVCache.for_model(model, 1, 30)
+    weights = decode_weights(model)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(20):
+        ids = torch.randint(0, 256, (1, 1), generator=g)
+        logits = decode_step(model, weights, ids, fast)
+        with torch.no_grad():
+            expected = model(ids, kv_cache=slow)[:, -1]
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert logits.argmax() == expected.argmax()
+
+
 def test_full_vocabulary_sampling_follows_the_softmax():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -float("inf")]]).repeat(40000, 1)
     for temperature in (1.0, 2.0):
