@@ -42,6 +42,8 @@ def build_parser():
     a("--head-dim", type=int, default=128)
     a("--vocab-size", type=int, default=32768)
     a("--window-pattern", default="SSSL", help="reference default; L = full attention in every layer")
+    a("--plain-loss", action="store_true", help="full-logits loss (as the reference) instead of nanochat.loss chunks")
+    a("--compile-optimizer", action="store_true", help="torch.compile the Muon/AdamW math")
     a("--worker", default=None, help=argparse.SUPPRESS)  # "DEPTH": run one configuration, print RESULT json
     return p
 
@@ -75,12 +77,14 @@ def run_one(args, depth):
     config = GPTConfig(sequence_len=T, vocab_size=args.vocab_size, n_layer=r["n_layer"], n_head=r["n_head"],
                        n_kv_head=r["n_kv_head"], n_embd=r["n_embd"], window_pattern=args.window_pattern)
     orig_model = build_model(config, device)
+    orig_model.chunked_loss = not args.plain_loss
     flops_per_token = orig_model.estimate_flops()
     params = orig_model.num_scaling_params()["total"]
     model = torch.compile(orig_model, dynamic=False) if args.compile else orig_model
     optimizer = orig_model.setup_optimizer(
         unembedding_lr=r["unembedding_lr"], embedding_lr=r["embedding_lr"], matrix_lr=r["matrix_lr"],
         weight_decay=r["weight_decay_scaled"], scalar_lr=r["scalar_lr"])
+    optimizer.compile = args.compile_optimizer
 
     if device.type == "cuda":
         peak = get_peak_flops(torch.cuda.get_device_name(device))
@@ -117,6 +121,7 @@ def run_one(args, depth):
     result = {
         "depth": depth, "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "compile": bool(args.compile),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "loss": "plain" if args.plain_loss else "chunked", "compile_optimizer": bool(args.compile_optimizer),
         "threads": torch.get_num_threads(), "attention_backend": BACKEND, "n_embd": r["n_embd"],
         "params": params, "flops_per_token": flops_per_token, "tokens_per_step": B * T,
         "s_per_step": dt, "s_per_step_min": min(times), "tok_per_sec": tok_per_sec,
@@ -143,8 +148,9 @@ def worker_command(args, depth):
            "--vocab-size", str(args.vocab_size), "--window-pattern", args.window_pattern]
     if args.device_type:
         cmd += ["--device-type", args.device_type]
-    if args.compile:
-        cmd.append("--compile")
+    for flag in ("compile", "plain_loss", "compile_optimizer"):
+        if getattr(args, flag):
+            cmd.append("--" + flag.replace("_", "-"))
     return cmd
 
 
