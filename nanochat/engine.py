@@ -335,11 +335,14 @@ def decode_step(model, weights, ids, cache):
     if x_backout is not None:
         x = x - weights["backout_lambda"] * x_backout
     cache.advance(1)
+    # the head reads 33.5 MB of fp32 weights per step at vocab 32768: pick the fastest layout of the same product
+    # (bench/decode_speed.py; on the 2-core CPU F.linear took 2.7 ms at batch 1 and 3.5 ms at batch 8)
     h = norm(x)[:, 0]                                                                        # (B, C)
     if B == 1:
-        logits = (h @ weights["lm_head_t"]).float()                                          # (1, V)
+        logits = (h @ weights["lm_head_t"]).float()                        # (1, V) GEMM on the (C, V) copy: 1.2 ms
     else:
-        logits = F.linear(h, weights["lm_head"])[:, :model.config.vocab_size].float()        # (B, V)
+        head = weights["lm_head"][:model.config.vocab_size]
+        logits = (head @ h.t()).t().contiguous().float()                   # (V, C) @ (C, B): 1.9 ms at batch 8
     return logits.div_(SOFTCAP).tanh_().mul_(SOFTCAP)    # = SOFTCAP * tanh(logits / SOFTCAP), in place
 
 

@@ -58,9 +58,10 @@ def test_engine_temperature_zero_matches_naive_generate():
         assert len(expected) >= 5
 
 
-def test_decode_step_equals_full_forward_bit_for_bit():
-    """The engine's single-token path computes exactly GPT.forward's floats: value embeddings, smear (switched on),
-    backout, and windows shorter than the context (sequence_len 16 with up to 35 cached positions)."""
+def test_decode_step_equals_full_forward():
+    """The engine's single-token path computes GPT.forward's floats: value embeddings, smear (switched on),
+    backout, and windows shorter than the context (sequence_len 16 with up to 35 cached positions). The KV cache
+    is bit-identical; the logits differ only by the head's summation order (another matmul layout, faster)."""
     model = random_model(seed=8, n_layer=4, window_pattern="SSSL", sequence_len=16)
     with torch.no_grad():
         model.smear_lambda.fill_(0.7)
@@ -78,7 +79,8 @@ def test_decode_step_equals_full_forward_bit_for_bit():
         logits = decode_step(model, weights, ids, fast)
         with torch.no_grad():
             expected = model(ids, kv_cache=slow)[:, -1]
-        assert torch.equal(logits, expected)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), expected.argmax(-1))
         assert torch.equal(fast.k_cache, slow.k_cache) and fast.get_pos() == slow.get_pos()
     assert fast.get_pos() == 35 and fast.cache_seqlens.tolist() == [35, 35, 35]
     assert decode_weights(torch.nn.Linear(2, 2)) is None    # other models are called as model(ids, kv_cache=...)
