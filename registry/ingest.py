@@ -68,8 +68,17 @@ def _int(x):
         return None
 
 
+def _plan_depth(plan):
+    """The model depth: runners.plan puts it at plan["derived"]["n_layer"]; older or hand-written plans are
+    searched for a depth/n_layer key."""
+    derived = plan.get("derived") if isinstance(plan, dict) else None
+    if isinstance(derived, dict) and isinstance(derived.get("n_layer"), int):
+        return derived["n_layer"]
+    return _find_depth(plan)
+
+
 def _find_depth(obj):
-    """The model depth somewhere in the resolved plan (its exact shape belongs to runners)."""
+    """The model depth somewhere in a plan without "derived" (its exact shape belongs to runners)."""
     if isinstance(obj, dict):
         for k in ("depth", "n_layer"):
             if isinstance(obj.get(k), int) and not isinstance(obj.get(k), bool):
@@ -188,7 +197,7 @@ def read_run(run_dir, home, out, seen_keys):
         "nodes": _int(hardware.get("nodes")), "gpus_per_node": _int(hardware.get("gpus_per_node")),
         "gpu": hardware.get("gpu"), "usd_per_gpu_hour": _float(hardware.get("usd_per_gpu_hour")),
         "device_type": hardware.get("device_type"), "tags": [str(t) for t in run.get("tags") or []],
-        "seed": _int(run.get("seed")), "depth": _find_depth(plan), "run_dir": os.path.abspath(run_dir),
+        "seed": _int(run.get("seed")), "depth": _plan_depth(plan), "run_dir": os.path.abspath(run_dir),
         "run_json_mtime": mtime, "ingested_at": time.time(),
     }
     for col, value in row.items():

@@ -118,7 +118,7 @@ def summarize(run):
         "run_id": run.get("run_id"),
         "spec": spec_name,
         "status": run.get("status") or "unknown",
-        "depth": find_key(plan, ("depth", "n_layer")),
+        "depth": plan_value(plan, ("n_layer", "depth")),
         "val_bpb": first_key(metrics, VAL_BPB_KEYS),
         "core": first_key(metrics, CORE_KEYS),
         "train_seconds": seconds,
@@ -140,18 +140,28 @@ def load_runs(home):
     return rows
 
 
+def plan_value(plan, names):
+    """A resolved number: runners.plan keeps them in plan["derived"]; other plans are searched."""
+    derived = plan.get("derived") if isinstance(plan, dict) else None
+    if isinstance(derived, dict):
+        found = first_key(derived, names)
+        if found is not None:
+            return found
+    return find_key(plan, names)
+
+
 def plan_numbers(plan):
     """(label, value) pairs of the plan's key numbers for the detail view."""
     params = find_key(plan, ("params", "num_params", "params_total"))
     if isinstance(params, dict):
         params = params.get("total")
     rows = [
-        ("n_layer", find_key(plan, ("n_layer", "depth"))),
-        ("n_embd", find_key(plan, ("n_embd",))),
+        ("n_layer", plan_value(plan, ("n_layer", "depth"))),
+        ("n_embd", plan_value(plan, ("n_embd",))),
         ("params", params),
-        ("total_batch_size", find_key(plan, ("total_batch_size",))),
-        ("iterations", find_key(plan, ("num_iterations", "iterations"))),
-        ("FLOPs", find_key(plan, ("total_flops", "flops"))),
+        ("total_batch_size", plan_value(plan, ("total_batch_size",))),
+        ("iterations", plan_value(plan, ("num_iterations", "iterations"))),
+        ("FLOPs", plan_value(plan, ("total_flops", "flops"))),
     ]
     return [(label, value) for label, value in rows if value is not None]
 
