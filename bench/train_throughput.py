@@ -59,13 +59,15 @@ def run_one(args, depth):
 
     from nanochat import scaling
     from nanochat.attention import BACKEND
-    from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops, synchronize
+    from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops, keep_freed_memory, synchronize
     from nanochat.gpt import GPTConfig, build_model
     from nanochat.stages.base_train import measure_matmul_flops
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device_type or autodetect_device_type())
+    if device.type == "cpu":
+        keep_freed_memory()  # as base_train's compute_init (NANOCHAT_KEEP_MEMORY=0 measures without it)
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
     torch.manual_seed(42)

@@ -8,6 +8,7 @@ Nothing here imports specs/registry/runners/tui: a stage is a plain torch progra
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -120,6 +121,29 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
+def keep_freed_memory():
+    """CPU training: make glibc malloc keep freed memory instead of returning it to the OS.
+
+    Every step allocates and frees the same large tensors (a 32 MB weight gradient, a chunk's logits). By
+    default glibc serves large allocations (from 128 KB, the threshold adapting up to 32 MB) with a fresh
+    mmap and unmaps them on free, so every step pays a page fault per 4 KB on first touch: ~10% of a bf16 step at the
+    issue-3 benchmark shape (bench/RESULTS.md). Turning mmap off and the trim threshold up makes freed blocks
+    reusable; the process's resident memory stays at its peak. No-op where there is no glibc (macOS, musl),
+    and when NANOCHAT_KEEP_MEMORY=0. Returns whether it applied."""
+    if os.environ.get("NANOCHAT_KEEP_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = mallopt(M_MMAP_MAX, 0) == 1
+    ok = mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1 and ok
+    return ok
+
+
 def compute_init(device_type=""):
     """Seed, pick the device and join the process group when launched by torchrun.
     Returns (ddp, rank, local_rank, world_size, device)."""
@@ -136,6 +160,7 @@ def compute_init(device_type=""):
         torch.cuda.set_device(device)
     else:
         device = torch.device(device_type)
+        keep_freed_memory()
     if ddp and not dist.is_initialized():
         if device_type == "cuda":
             dist.init_process_group(backend="nccl", device_id=device)

@@ -99,3 +99,92 @@ def test_model_takes_plain_path_for_per_token_gradients():
     assert loss.shape == (2, 32) and loss.requires_grad
     loss.sum().backward()
     assert isinstance(model, GPT) and model.lm_head.weight.grad is not None
+
+
+# -----------------------------------------------------------------------------
+# the compiled chunk kernels (used on CPU when a chunk has >= FUSED_MIN_ELEMENTS logits; forced on here)
+
+
+@pytest.fixture
+def fused(monkeypatch):
+    """Compiled kernels for every chunk size, and a tiny bf16 group so several weight-gradient flushes happen.
+    Counts the calls so a test can prove the compiled path ran."""
+    import nanochat.loss as L
+    monkeypatch.setattr(L, "FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(L, "GROUP_BYTES", 181 * 2 * 100)  # 100 bf16 rows of vocab 181 -> groups of 2 chunks of 50
+    monkeypatch.setitem(L._compiled, "cpu", None)
+    monkeypatch.delitem(L._compiled, "cpu")
+    kernels = L._kernels(torch.device("cpu"))
+    assert kernels is not None, "NANOCHAT_FUSED_LOSS is off in this environment"
+    calls = {"sumexp": 0, "pass": 0}
+
+    def counted(name, fn):
+        def wrapper(*args):
+            calls[name] += 1
+            return fn(*args)
+        return wrapper
+    monkeypatch.setitem(L._compiled, "cpu", (counted("sumexp", kernels[0]), counted("pass", kernels[1])))
+    return calls
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_compiled_kernels_match_plain_fp32(fused, reduction):
+    h, w, t, vocab = make()
+    ref = plain_loss(h, w, t, vocab, reduction)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = softcap_cross_entropy(h, w, t, vocab, CAP, reduction=reduction, chunk_rows=64)  # 4 chunks + a short one
+    out.backward()
+    assert fused == {"sumexp": 0, "pass": 4}          # the short last chunk (44 rows) ran eagerly
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad, gh, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(w.grad, gw, rtol=1e-4, atol=1e-5)
+    assert w.grad[vocab:].abs().sum() == 0 and h.grad[::5].abs().sum() == 0
+
+
+def test_compiled_kernels_match_plain_bf16_with_grouped_weight_gradient(fused):
+    h, w, t, vocab = make(dtype=torch.bfloat16)
+    ref = plain_loss(h, w, t, vocab, "mean")
+    ref.backward()
+    gh, gw = h.grad.float().clone(), w.grad.clone()
+    h.grad = w.grad = None
+    out = softcap_cross_entropy(h, w, t, vocab, CAP, chunk_rows=50)   # 6 chunks in 3 groups of 100 rows
+    out.backward()
+    assert fused == {"sumexp": 0, "pass": 6}
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(h.grad.float(), gh, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(w.grad, gw, rtol=2e-2, atol=2e-3)
+    assert h.grad[::5].float().abs().sum() == 0
+
+
+def test_compiled_kernels_per_token_losses_without_grad(fused):
+    h, w, t, vocab = make()
+    with torch.no_grad():
+        ref = plain_loss(h, w, t, vocab, "none")
+        out = softcap_cross_entropy(h, w, t, vocab, CAP, reduction="none", chunk_rows=100)
+    assert fused == {"sumexp": 3, "pass": 0}
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_tanh_through_exp_is_exact_to_fp32_rounding_and_saturates():
+    from nanochat.loss import _tanh_cap
+    z = torch.cat([torch.linspace(-50, 50, 100_001), torch.tensor([-1e30, -1e4, 1e4, 1e30, 0.0])])
+    torch.testing.assert_close(_tanh_cap(z, CAP), torch.tanh(z / CAP), rtol=0, atol=3e-7)
+    assert _tanh_cap(torch.tensor([1e30]), CAP).item() == 1.0
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
+    import nanochat.loss as L
+    monkeypatch.setattr(L, "FUSED_MIN_ELEMENTS", 0)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setitem(L._compiled, "cpu", (broken, broken))
+    h, w, t, vocab = make()
+    ref = plain_loss(h, w, t, vocab, "mean")
+    with pytest.warns(UserWarning, match="compiled loss kernel unavailable on cpu"):
+        out = softcap_cross_entropy(h.detach(), w.detach(), t, vocab, CAP, chunk_rows=64)
+    assert L._compiled["cpu"] is None                 # not tried again
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

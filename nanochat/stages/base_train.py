@@ -127,15 +127,22 @@ def muon_weight_decay(it, N, weight_decay):
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / N))
 
 
-def measure_matmul_flops(device, dtype, n=1024, reps=5):
-    """Peak-ish matmul FLOP/s of this device (used as the MFU denominator where no table entry exists)."""
+def measure_matmul_flops(device, dtype, n=1024, reps=10):
+    """Peak-ish matmul FLOP/s of this device (used as the MFU denominator where no table entry exists): the best
+    of `reps` timed (n, n) @ (n, n) products into a preallocated output, after one untimed warmup."""
     import torch
+
+    from nanochat.common import synchronize
+    device = torch.device(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
+    out = torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
+        synchronize(device)
         t0 = time.perf_counter()
-        (a @ b).sum().item()
+        torch.mm(a, b, out=out)
+        synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best
 
