@@ -144,6 +144,25 @@ def keep_freed_memory():
     return ok
 
 
+_INDUCTOR_WORKS = {}
+
+
+def inductor_works(device):
+    """Whether torch.compile can build and run a kernel on this device here (a C++ compiler on CPU, Triton on
+    GPU). Checked once per device type with a tiny function; a failure is printed, not raised, so that features
+    that are only on by default (the CPU optimizer compile) can stay off instead of stopping a run."""
+    device = torch.device(device)
+    if device.type not in _INDUCTOR_WORKS:
+        try:
+            fn = torch.compile(lambda x: x * 2.0 + 1.0, dynamic=False)
+            ok = bool((fn(torch.ones(8, device=device)) == 3.0).all())
+        except Exception as e:
+            print0(f"torch.compile is unavailable on {device.type} ({type(e).__name__}: {str(e)[:200]})")
+            ok = False
+        _INDUCTOR_WORKS[device.type] = ok
+    return _INDUCTOR_WORKS[device.type]
+
+
 def compute_init(device_type=""):
     """Seed, pick the device and join the process group when launched by torchrun.
     Returns (ddp, rank, local_rank, world_size, device)."""

@@ -281,7 +281,7 @@ class GPT(nn.Module):
         x = norm(x)
         if logit_positions is not None:  # eval only (CORE, no targets): the head only at (rows, positions) -> (N,V)
             x = x[logit_positions]
-        if targets is not None and self._chunked_loss_ok(loss_reduction):
+        if targets is not None and self._chunked_loss_ok(loss_reduction, x.device):
             loss = softcap_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
                                          self.config.vocab_size, SOFTCAP, loss_reduction)
             return loss.view(B, T) if loss_reduction == "none" else loss
@@ -293,11 +293,15 @@ class GPT(nn.Module):
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
-    def _chunked_loss_ok(self, loss_reduction):
-        """nanochat.loss computes head + softcap + CE in row chunks (no full logits tensor): used eagerly for
-        the plain Linear head (not an FP8 one, not under torch.compile, whose fused kernels do the same job),
-        and for per-token losses only without gradients (bpb); RL's per-token gradients take the plain path."""
-        return (self.chunked_loss and type(self.lm_head) is Linear and not torch.compiler.is_compiling()
+    def _chunked_loss_ok(self, loss_reduction, device):
+        """nanochat.loss computes head + softcap + CE in row chunks (no full logits tensor): used for the plain
+        Linear head (not an FP8 one), and for per-token losses only without gradients (bpb); RL's per-token
+        gradients take the plain path. Under torch.compile it is used on CPU only, where it runs outside the
+        graph (softcap_cross_entropy is excluded from compilation: the compiled trunk hands it the hidden states)
+        and is faster than inductor's fusion of the plain path; on GPU the compiled model keeps the plain path."""
+        if torch.compiler.is_compiling() and device.type != "cpu":
+            return False
+        return (self.chunked_loss and type(self.lm_head) is Linear
                 and (loss_reduction != "none" or not torch.is_grad_enabled()))
 
     @torch.no_grad()

@@ -17,7 +17,8 @@ up to float rounding (tests/test_loss.py compares values and gradients with that
     loss = softcap_cross_entropy(h, lm_head.weight, targets, vocab_size=V, softcap=15.0)   # h (N, C)
 
 reduction "mean" or "sum" with gradients, or any reduction ("none" too) without them. A per-token loss that
-needs gradients (RL) takes the plain path in gpt.py; so does a compiled model (inductor fuses it anyway).
+needs gradients (RL) takes the plain path in gpt.py; so does a compiled model on GPU. On CPU a compiled model
+runs this function eagerly after its compiled trunk (torch.compiler.disable: a graph break).
 
 One pass over each chunk's logits z. With t = tanh(z / cap), e = exp(cap * t), S = sum_j e (|cap * t| <= cap, so
 no max-subtraction is needed in fp32) and a row weight k (1/N for a mean, 1 for a sum, 0 for ignored rows):
@@ -181,6 +182,7 @@ class _SoftcapCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None, None, None
 
 
+@torch.compiler.disable  # a Python loop over chunks: a compiled model calls it eagerly (a graph break)
 def softcap_cross_entropy(h, weight, targets, vocab_size, softcap, reduction="mean", chunk_rows=CHUNK_ROWS):
     """h (N, C) final hidden states (after the last norm), weight (V_padded, C) the untied lm_head weight,
     targets (N,) int64 with -1 = ignore. Returns a scalar ("mean"/"sum") or (N,) fp32 ("none")."""

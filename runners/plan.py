@@ -129,6 +129,8 @@ def _stage_params(spec, name, derived):
         run = t.pop("wandb_run", None)
         dtype = t.pop("dtype", None)
         compile_ = t.pop("compile", None)
+        if t.get("compile_optimizer") is None:  # left to base_train's default (and out of the content key)
+            t.pop("compile_optimizer", None)
         params = {**m, **t, "run": run or "dummy", "device_type": device_type, "seed": spec.seed,
                   "compile": (1 if device_type == "cuda" else 0) if compile_ is None else int(compile_),
                   "dtype": dtype, "resume_from_step": -2}

@@ -177,6 +177,7 @@ class TrainSpec(_Model):
     fp8: bool = False
     fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
     compile: Optional[bool] = None                # None = on for CUDA, off elsewhere
+    compile_optimizer: Optional[bool] = None      # None = with compile, and on CPU for runs of >= 500 steps
     dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None   # None = nanochat's default
     wandb_run: Optional[str] = None               # None = wandb off (the reference's --run dummy)
 

@@ -201,6 +201,38 @@ def test_schedules():
     assert abs(muon_weight_decay(N // 2, N, 0.2) - 0.1) < 1e-12
 
 
+def test_optimizer_compile_default(monkeypatch):
+    """--compile-optimizer unset: on with the model's compile; on CPU only for runs long enough to pay for the
+    compile, and only where torch.compile works."""
+    import torch
+
+    import nanochat.common as common
+    from nanochat.stages.base_train import COMPILE_OPTIMIZER_MIN_STEPS, default_compile_optimizer
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert default_compile_optimizer(True, cuda, 10)[0] and default_compile_optimizer(True, cpu, 10)[0]
+    assert not default_compile_optimizer(False, cuda, 10_000)[0]
+    on, why = default_compile_optimizer(False, cpu, COMPILE_OPTIMIZER_MIN_STEPS - 1)
+    assert not on and "would not pay" in why
+    monkeypatch.setitem(common._INDUCTOR_WORKS, "cpu", True)
+    assert default_compile_optimizer(False, cpu, COMPILE_OPTIMIZER_MIN_STEPS)[0]
+    monkeypatch.setitem(common._INDUCTOR_WORKS, "cpu", False)      # e.g. no C++ compiler: stays eager
+    assert default_compile_optimizer(False, cpu, 10_000) == (False, "torch.compile unavailable here")
+
+
+def test_inductor_preflight_reports_failure_instead_of_raising(monkeypatch, capsys):
+    import torch
+
+    import nanochat.common as common
+    monkeypatch.delitem(common._INDUCTOR_WORKS, "meta", raising=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("no working C++ compiler")
+    monkeypatch.setattr(torch, "compile", broken)
+    assert common.inductor_works("meta") is False
+    assert "torch.compile is unavailable on meta (RuntimeError: no working C++ compiler)" in capsys.readouterr().out
+    monkeypatch.delitem(common._INDUCTOR_WORKS, "meta")
+
+
 def test_wandb_run_name_mirrors_metrics_offline(corpus, tmp_path):
     """--run NAME logs to wandb (offline mode: no network); "dummy" keeps it off, as in the reference."""
     pytest.importorskip("wandb")

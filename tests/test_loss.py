@@ -188,3 +188,25 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(monkeypatch):
         out = softcap_cross_entropy(h.detach(), w.detach(), t, vocab, CAP, chunk_rows=64)
     assert L._compiled["cpu"] is None                 # not tried again
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_model_on_cpu_runs_the_chunked_loss_outside_the_graph(monkeypatch):
+    """torch.compile(model) on CPU: the trunk is compiled, softcap_cross_entropy runs eagerly after it (a graph
+    break) and gives the eager model's loss and gradients."""
+    import nanochat.loss as L
+    calls = []
+    orig = L._SoftcapCrossEntropy.forward
+    monkeypatch.setattr(L._SoftcapCrossEntropy, "forward", staticmethod(lambda *a: calls.append(1) or orig(*a)))
+    torch.manual_seed(0)
+    model = build_model(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    idx, tgt = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    results = []
+    for m in (model, torch.compile(model, dynamic=False)):
+        model.zero_grad(set_to_none=True)
+        loss = m(idx, tgt)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    assert len(calls) == 2                            # the chunked loss ran in both, not inductor's plain path
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)

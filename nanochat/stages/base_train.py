@@ -36,6 +36,12 @@ SAMPLE_PROMPTS = [
 INFORMATIVE_CONFIG_KEYS = {"vocab_size"}
 
 
+# On CPU the compiled optimizer step saves 0.1-0.45 s per step at vocab 32768 (AdamW over the embedding tables)
+# but only ~2-8% of a step at the demo's vocab 4096, and its first compile costs ~40 s with a cold inductor cache
+# (bench/RESULTS.md): on by default only for runs at least this long
+COMPILE_OPTIMIZER_MIN_STEPS = 500
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="nanorun pretraining stage", allow_abbrev=False)
     a = p.add_argument
@@ -78,7 +84,8 @@ def build_parser():
     a("--compile", type=int, default=None, choices=[0, 1],
       help="torch.compile the model (default 1 on cuda, 0 elsewhere)")
     a("--compile-optimizer", type=int, default=None, choices=[0, 1],
-      help="torch.compile the Muon/AdamW math (default: as --compile)")
+      help="torch.compile the Muon/AdamW math (default: on with --compile, and on CPU for runs of at least "
+           f"{COMPILE_OPTIMIZER_MIN_STEPS} steps, where its one-off compile pays for itself)")
     a("--out-dir", default=None, help="stage directory (default $NANORUN_HOME/stages/base_train-manual)")
     a("--data-dir", default=None)
     a("--tokenizer-dir", default=None)
@@ -125,6 +132,20 @@ def muon_momentum(it, N, warmdown_ratio):
 
 def muon_weight_decay(it, N, weight_decay):
     return weight_decay * 0.5 * (1 + math.cos(math.pi * it / N))
+
+
+def default_compile_optimizer(use_compile, device, num_iterations):
+    """(on, why) for --compile-optimizer left unset."""
+    from nanochat.common import inductor_works
+    if use_compile:
+        return True, "with the model"
+    if device.type != "cpu":
+        return False, "model not compiled"
+    if num_iterations < COMPILE_OPTIMIZER_MIN_STEPS:
+        return False, f"{num_iterations} steps < {COMPILE_OPTIMIZER_MIN_STEPS}: the compile would not pay for itself"
+    if not inductor_works(device):
+        return False, "torch.compile unavailable here"
+    return True, f"CPU run of {num_iterations} steps"
 
 
 def measure_matmul_flops(device, dtype, n=1024, reps=10):
@@ -273,8 +294,11 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     optimizer = orig_model.setup_optimizer(
         unembedding_lr=r["unembedding_lr"], embedding_lr=r["embedding_lr"], matrix_lr=r["matrix_lr"],
         weight_decay=r["weight_decay_scaled"], scalar_lr=r["scalar_lr"], adam_betas=(args.adam_beta1, args.adam_beta2))
-    optimizer.compile = bool(use_compile if args.compile_optimizer is None else args.compile_optimizer)
-    print0(f"torch.compile: model {'on' if use_compile else 'off'}, optimizer {'on' if optimizer.compile else 'off'}")
+    if args.compile_optimizer is None:
+        optimizer.compile, why = default_compile_optimizer(use_compile, device, N)
+    else:
+        optimizer.compile, why = bool(args.compile_optimizer), "--compile-optimizer"
+    print0(f"torch.compile: model {'on' if use_compile else 'off'}, optimizer {'on' if optimizer.compile else 'off'} ({why})")
     if resume_step >= 0:
         optimizer.load_state_dict(optim_state)  # this rank's shard, or a merged state re-sharded here
         del optim_state
