@@ -44,6 +44,7 @@ def build_parser():
     a("--window-pattern", default="SSSL", help="reference default; L = full attention in every layer")
     a("--plain-loss", action="store_true", help="full-logits loss (as the reference) instead of nanochat.loss chunks")
     a("--compile-optimizer", action="store_true", help="torch.compile the Muon/AdamW math")
+    a("--fp8", default="", choices=["", "tensorwise", "rowwise"], help="torchao FP8 training recipe (CUDA, sm89+)")
     a("--worker", default=None, help=argparse.SUPPRESS)  # "DEPTH": run one configuration, print RESULT json
     return p
 
@@ -80,7 +81,10 @@ def run_one(args, depth):
                        n_kv_head=r["n_kv_head"], n_embd=r["n_embd"], window_pattern=args.window_pattern)
     orig_model = build_model(config, device)
     orig_model.chunked_loss = not args.plain_loss
-    flops_per_token = orig_model.estimate_flops()
+    if args.fp8:
+        from nanochat.fp8 import convert_to_fp8
+        convert_to_fp8(orig_model, args.fp8)
+    flops_per_token = orig_model.estimate_flops()  # counts Float8Linear too: FP8 does not change the FLOPs
     params = orig_model.num_scaling_params()["total"]
     model = torch.compile(orig_model, dynamic=False) if args.compile else orig_model
     optimizer = orig_model.setup_optimizer(
@@ -124,6 +128,7 @@ def run_one(args, depth):
         "depth": depth, "dtype": str(COMPUTE_DTYPE).removeprefix("torch."), "compile": bool(args.compile),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "loss": "plain" if args.plain_loss else "chunked", "compile_optimizer": bool(args.compile_optimizer),
+        "fp8": args.fp8 or None,
         "threads": torch.get_num_threads(), "attention_backend": BACKEND, "n_embd": r["n_embd"],
         "params": params, "flops_per_token": flops_per_token, "tokens_per_step": B * T,
         "s_per_step": dt, "s_per_step_min": min(times), "tok_per_sec": tok_per_sec,
@@ -153,6 +158,8 @@ def worker_command(args, depth):
     for flag in ("compile", "plain_loss", "compile_optimizer"):
         if getattr(args, flag):
             cmd.append("--" + flag.replace("_", "-"))
+    if args.fp8:
+        cmd += ["--fp8", args.fp8]
     return cmd
 
 

@@ -128,6 +128,21 @@ def adamw_update(p, g, exp_avg, exp_avg_sq, t, lr, wd, eps, beta1, beta2):
     exp_avg_sq.copy_(v)
 
 
+def adamw_update_fused(p, g, exp_avg, exp_avg_sq, t, lr, wd, eps, beta1, beta2):
+    """adamw_update through PyTorch's fused AdamW kernel (one pass, math in fp32 for bf16/fp16 tensors, the
+    same formula: decoupled decay, bias-corrected moments, eps added after the bias-corrected sqrt). 15-30x faster
+    than the op-by-op version on a (32768, 256) embedding on CPU (bench/RESULTS.md). Falls back to adamw_update
+    where the kernel does not apply (mixed dtypes, 0-d tensor hyperparameters, a build without it)."""
+    fused = getattr(torch, "_fused_adamw_", None)
+    same = g.dtype == p.dtype == exp_avg.dtype == exp_avg_sq.dtype and p.dtype in _FUSED_DTYPES
+    if fused is None or not same or any(isinstance(x, torch.Tensor) for x in (t, lr, wd, eps, beta1, beta2)):
+        return adamw_update(p, g, exp_avg, exp_avg_sq, t, lr, wd, eps, beta1, beta2)
+    step = torch.tensor(float(t), dtype=torch.float32, device=p.device)
+    fused([p], [g], [exp_avg], [exp_avg_sq], [], [step], lr=float(lr), beta1=float(beta1), beta2=float(beta2),
+          weight_decay=float(wd), eps=float(eps), amsgrad=False, maximize=False)
+
+
+_FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _COMPILED = {}
 
 
@@ -226,7 +241,7 @@ class MuonAdamW(torch.optim.Optimizer):
     def _update_fns(self):
         if self.compile:
             return compiled(adamw_update), compiled(muon_update)
-        return adamw_update, muon_update
+        return adamw_update_fused, muon_update
 
     # --- layout and checkpoints ----------------------------------------------
 
