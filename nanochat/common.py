@@ -194,6 +194,21 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def run_stage(events, stage, fn, **fields):
+    """The frame of a training stage's main: log status "running" (stage + fields), return fn(); an exception is
+    logged as status "failed" ("Type: message") and re-raised; the event log and the process group are closed
+    either way."""
+    events.log("status", status="running", stage=stage, **fields)
+    try:
+        return fn()
+    except BaseException as e:
+        events.log("status", status="failed", error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        events.close()
+        compute_cleanup()
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

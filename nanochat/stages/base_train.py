@@ -205,7 +205,7 @@ def main(argv=None):
     import torch
 
     from nanochat import common
-    from nanochat.common import EventLog, compute_cleanup, compute_init
+    from nanochat.common import EventLog, compute_init, run_stage
     if args.dtype and common.COMPUTE_DTYPE != getattr(torch, args.dtype):
         raise ValueError(f"--dtype {args.dtype}: nanochat.common was already imported with {common.COMPUTE_DTYPE}")
 
@@ -213,16 +213,8 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
     torch.manual_seed(args.seed)
     events = EventLog(os.path.join(out_dir, "events.jsonl"), rank, wandb_run=args.run, config=vars(args))
-    events.log("status", status="running", stage="base_train", world_size=world_size, device=str(device))
-    try:
-        result = train(args, out_dir, events, ddp, rank, world_size, device)
-    except BaseException as e:
-        events.log("status", status="failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        events.close()
-        compute_cleanup()
-    return result
+    return run_stage(events, "base_train", lambda: train(args, out_dir, events, ddp, rank, world_size, device),
+                     world_size=world_size, device=str(device))
 
 
 def train(args, out_dir, events, ddp, rank, world_size, device):

@@ -155,7 +155,7 @@ def main(argv=None):
     import torch  # noqa: F401  (after argument errors, which should be fast)
 
     from nanochat import common
-    from nanochat.common import EventLog, compute_cleanup, compute_init
+    from nanochat.common import EventLog, compute_init, run_stage
     out_dir = args.out_dir or os.path.join(common.get_base_dir(), "stages", "rl-manual")
     ddp, rank, _, world_size, device = compute_init(args.device_type)
     if args.examples_per_step % world_size:
@@ -163,15 +163,8 @@ def main(argv=None):
                          f"world size {world_size}")
     events = EventLog(os.path.join(out_dir, "events.jsonl"), rank, wandb_run=args.run, wandb_project="nanorun-rl",
                       config=vars(args))
-    events.log("status", status="running", stage="rl", world_size=world_size, device=str(device))
-    try:
-        return train(args, out_dir, events, ddp, rank, world_size, device)
-    except BaseException as e:
-        events.log("status", status="failed", error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        events.close()
-        compute_cleanup()
+    return run_stage(events, "rl", lambda: train(args, out_dir, events, ddp, rank, world_size, device),
+                     world_size=world_size, device=str(device))
 
 
 def train(args, out_dir, events, ddp, rank, world_size, device):
