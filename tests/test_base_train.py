@@ -278,3 +278,16 @@ def test_fp8_training_evaluates_without_fp8(corpus, tmp_path):
     with torch.no_grad():
         fresh = evaluate_bpb(model.eval(), batches, 2, tok.token_bytes())
     assert abs(fresh - fp8_bpb) < 1e-6, (fresh, fp8_bpb)
+
+
+def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    """CPU training asks glibc (mallopt) to keep freed memory for reuse; NANOCHAT_KEEP_MEMORY=0 leaves malloc as is."""
+    import platform
+
+    from nanochat.common import keep_freed_memory
+    monkeypatch.setenv("NANOCHAT_KEEP_MEMORY", "0")
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("NANOCHAT_KEEP_MEMORY")
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    assert keep_freed_memory() is True
