@@ -192,5 +192,6 @@ def softcap_cross_entropy(h, weight, targets, vocab_size, softcap, reduction="me
     # that evaluation under no_grad computes no gradients)
     want_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
     if reduction == "none" and want_grad:
-        raise ValueError("softcap_cross_entropy: reduction 'none' is forward-only; use the plain path for per-token gradients")
+        raise ValueError("softcap_cross_entropy: reduction 'none' is forward-only; "
+                         "use the plain path for per-token gradients")
     return _SoftcapCrossEntropy.apply(h, weight, targets, vocab_size, softcap, reduction, chunk_rows, want_grad)

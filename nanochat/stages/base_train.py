@@ -290,7 +290,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         optimizer.compile, why = default_compile_optimizer(use_compile, device, N)
     else:
         optimizer.compile, why = bool(args.compile_optimizer), "--compile-optimizer"
-    print0(f"torch.compile: model {'on' if use_compile else 'off'}, optimizer {'on' if optimizer.compile else 'off'} ({why})")
+    print0(f"torch.compile: model {'on' if use_compile else 'off'}, "
+           f"optimizer {'on' if optimizer.compile else 'off'} ({why})")
     if resume_step >= 0:
         optimizer.load_state_dict(optim_state)  # this rank's shard, or a merged state re-sharded here
         del optim_state
