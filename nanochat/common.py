@@ -290,9 +290,9 @@ def write_result(out_dir, stage, metrics, outputs=None, **extra):
 # dest names. The config installs defaults, then the command line is parsed again so explicit flags win.
 
 
-def parse_args_with_config(parser, argv=None, ignore=()):
+def parse_args_with_config(parser, argv=None, ignore=(), required=()):
     """Parse argv with `parser`, taking defaults from --config JSON. Unknown config keys (other than `ignore`)
-    are a one-line error with exit status 2 (argparse's error())."""
+    and `required` dests left empty by both are a one-line error with exit status 2 (argparse's error())."""
     args, _ = parser.parse_known_args(argv)
     if getattr(args, "config", None):
         try:
@@ -307,4 +307,8 @@ def parse_args_with_config(parser, argv=None, ignore=()):
         if unknown:
             parser.error(f"--config {args.config}: unknown keys {unknown} (use argparse dest names)")
         parser.set_defaults(**{k: v for k, v in config.items() if k in dests and k != "config"})
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in required:
+        if not getattr(args, name):
+            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    return args

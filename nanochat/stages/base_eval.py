@@ -42,15 +42,13 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     from nanochat.common import parse_args_with_config
-    args = parse_args_with_config(parser, argv)
+    args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir", "out_dir"))
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     bad = sorted(set(args.evals) - {"core", "bpb", "sample"})
     if bad:
         parser.error(f"--eval: unknown {bad} (choose from core, bpb, sample)")
-    required = ["checkpoint_dir", "tokenizer_dir", "out_dir"] + (["data_dir"] if "bpb" in args.evals else [])
-    for name in required:
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    if "bpb" in args.evals and not args.data_dir:
+        parser.error("--data-dir is required for --eval bpb (or 'data_dir' in --config)")
     return args
 
 

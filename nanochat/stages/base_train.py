@@ -98,10 +98,7 @@ def parse_args(argv=None):
     Bad input exits with status 2 and a one-line message (argparse's error())."""
     parser = build_parser()
     from nanochat.common import parse_args_with_config
-    args = parse_args_with_config(parser, argv, ignore=INFORMATIVE_CONFIG_KEYS)
-    for name in ("data_dir", "tokenizer_dir"):
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    args = parse_args_with_config(parser, argv, ignore=INFORMATIVE_CONFIG_KEYS, required=("data_dir", "tokenizer_dir"))
     if args.dtype not in (None, "bfloat16", "float16", "float32"):
         parser.error(f"--dtype {args.dtype}: expected bfloat16, float16 or float32")
     return args

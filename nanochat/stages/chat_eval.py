@@ -63,14 +63,11 @@ def parse_tasks(value):
 def parse_args(argv=None):
     from nanochat.common import parse_args_with_config
     parser = build_parser()
-    args = parse_args_with_config(parser, argv)
+    args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir", "out_dir"))
     try:
         args.tasks = parse_tasks(args.tasks)
     except ValueError as e:
         parser.error(str(e))
-    for name in ("checkpoint_dir", "tokenizer_dir", "out_dir"):
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
     for name in ("max_new_tokens", "num_samples", "batch_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

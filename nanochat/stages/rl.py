@@ -64,10 +64,7 @@ def build_parser():
 def parse_args(argv=None):
     from nanochat.common import parse_args_with_config
     parser = build_parser()
-    args = parse_args_with_config(parser, argv)
-    for name in ("checkpoint_dir", "tokenizer_dir"):
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir"))
     for name in ("num_epochs", "train_problems", "device_batch_size", "examples_per_step", "num_samples",
                  "max_new_tokens", "eval_examples", "eval_samples"):
         if getattr(args, name) < 1:

@@ -66,10 +66,7 @@ def build_parser():
 def parse_args(argv=None):
     from nanochat.common import parse_args_with_config
     parser = build_parser()
-    args = parse_args_with_config(parser, argv)
-    for name in ("checkpoint_dir", "tokenizer_dir"):
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
+    args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir"))
     if not 0 < args.val_fraction < 1:
         parser.error(f"--val-fraction {args.val_fraction}: expected a fraction in (0, 1)")
     return args

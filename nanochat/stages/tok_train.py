@@ -70,11 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--max-chars", type=int, default=2_000_000_000)
     parser.add_argument("--doc-cap", type=int, default=10_000)
     parser.add_argument("--val-chars", type=int, default=10_000_000, help="val chars for bytes_per_token")
-    args = parse_args_with_config(parser, argv)
-    for name in ("data_dir", "out_dir"):
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (flag or config key {name!r})")
-    return args
+    return parse_args_with_config(parser, argv, required=("data_dir", "out_dir"))
 
 
 def main(argv=None):
