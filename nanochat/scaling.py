@@ -103,12 +103,10 @@ def resolve_training(depth, *, vocab_size=32768, aspect_ratio=64, head_dim=128, 
     n_scaling = counts["transformer_matrices"] + counts["lm_head"]
     fpt = flops_per_token(depth, vocab_size, aspect_ratio, head_dim, max_seq_len, window_pattern)
 
-    # token budget; the reference ratio anchors batch/WD scaling even when the horizon is set another way
+    # Batch and WD scale with ratio * scaling_params whatever sets the horizon (target_flops only sets the step
+    # count). The ratio cancels in both, so a non-positive ratio (the scaling sweep passes -1) stands in as 12.
     ratio = target_param_data_ratio if target_param_data_ratio > 0 else 12.0
-    if target_flops > 0:
-        target_tokens = int(target_flops / fpt)
-    else:
-        target_tokens = int(ratio * n_scaling)
+    target_tokens = int(ratio * n_scaling)
     ref_tokens = ratio * scaling_params(REF_DEPTH, vocab_size, aspect_ratio, head_dim)
 
     B = total_batch_size if total_batch_size > 0 else auto_total_batch_size(target_tokens, ref_tokens)
