@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from nanochat.gpt import GPTConfig, build_model
-from nanochat.optim import MuonAdamW, polar_express
+from nanochat import optim
+from nanochat.optim import MuonAdamW, muon_update, polar_express
 
 
 def test_adamw_group_matches_torch_adamw():
@@ -76,6 +77,56 @@ def test_first_muon_update_is_near_semi_orthogonal():
     assert s.max() / s.min() < 4
     # Muon+ / NorMuon keep the Frobenius norm at sqrt(min(m, n))
     assert abs(update.norm().item() - 32 ** 0.5) < 1e-3
+
+
+def _muon_step(P, G, weight_decay, lr=0.01):
+    K, m, n = G.shape
+    mom, second = torch.zeros(K, m, n), torch.zeros((K, m, 1) if m >= n else (K, 1, n))
+    out = muon_update(G, P.clone(), mom, second, lr=lr, momentum=0.95, beta2=0.9, weight_decay=weight_decay,
+                      ns_steps=5)
+    return out, mom, second
+
+
+@pytest.mark.parametrize("shape", [(8, 4), (4, 8), (6, 6)])
+def test_muon_update_per_shape_lr_norm_normuon_buffer_and_cautious_decay(shape):
+    torch.manual_seed(0)
+    m, n = shape
+    P, G = torch.randn(3, m, n), torch.randn(3, m, n)
+    lr, wd = 0.01, 0.5
+    lr_eff = lr * max(1.0, m / n) ** 0.5                  # tall matrices only get the boost (4.3)
+    plain, mom, second = _muon_step(P, G, 0.0, lr)
+    Y = (P - plain) / lr_eff
+    # Muon+ then NorMuon: every matrix's update has Frobenius norm sqrt(min(m, n))
+    torch.testing.assert_close(Y.norm(dim=(-2, -1)), torch.full((3,), min(m, n) ** 0.5), rtol=1e-4, atol=0)
+    # momentum buffer after one step from zero: (1 - 0.95) g; NorMuon buffer: (1 - 0.9) * mean square of the
+    # orthogonalized matrix along rows (tall / square) or columns (wide)
+    torch.testing.assert_close(mom, 0.05 * G)
+    assert second.shape == ((3, m, 1) if m >= n else (3, 1, n)) and (second > 0).all()
+    # cautious weight decay: decays exactly where update and weight agree in sign, nothing elsewhere
+    decayed, _, _ = _muon_step(P, G, wd, lr)
+    agree = (Y * P) >= 0
+    assert 0 < agree.sum() < agree.numel()
+    torch.testing.assert_close(decayed[~agree], plain[~agree], rtol=0, atol=0)
+    torch.testing.assert_close(decayed[agree], plain[agree] - lr_eff * wd * P[agree], rtol=1e-6, atol=1e-7)
+
+
+def test_muon_eq_gives_every_row_the_same_norm(monkeypatch):
+    # with the orthogonalization switched off and NorMuon held still (beta2 = 1 keeps a buffer of ones), MuonEq's
+    # row equilibration is what remains visible: every row of the update has the same norm however unequal the
+    # gradient rows are
+    monkeypatch.setattr(optim, "polar_express", lambda X, steps=5: X)
+    G = torch.randn(1, 4, 8) * torch.arange(1, 5).view(1, 4, 1)
+    out = muon_update(G, torch.zeros(1, 4, 8), torch.zeros(1, 4, 8), torch.ones(1, 1, 8), lr=0.01, momentum=0.95,
+                      beta2=1.0, weight_decay=0.0, ns_steps=5)
+    rows = out[0].norm(dim=-1)
+    torch.testing.assert_close(rows, rows.mean().expand(4), rtol=1e-5, atol=0)
+
+
+def test_polar_express_coefficients_are_the_papers():
+    # arXiv 2505.16932, 5 iterations, safety 2e-2, cushion 2 (reference 4.3); first and last triples
+    assert len(optim.POLAR_EXPRESS_COEFFS) == 5
+    assert optim.POLAR_EXPRESS_COEFFS[0] == pytest.approx((8.156554524902461, -22.48329292557795, 15.878769915207462))
+    assert optim.POLAR_EXPRESS_COEFFS[4] == pytest.approx((2.3465413258596377, -1.7097828382687081, 0.42323551169305323))
 
 
 def _train(model, opt, steps, seed):
