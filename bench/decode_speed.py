@@ -11,6 +11,14 @@ only on the shapes. Each repetition runs Engine.generate over a random 16-token 
 no stop token (every row runs to the end) and times the whole call, prefill included; tok/s = batch x new tokens
 / seconds. The CPU is shared, so the best of --repeats runs is reported beside the mean, and the 1-minute load
 average is printed. Reference figures (fp32, this 2-core CPU): ~180 tok/s at batch 1, ~900 tok/s at batch 8.
+
+Decode MFU and memory bandwidth (reference 2.9 accounting, GPT.estimate_prefill_flops / estimate_decode_flops /
+kv_read_bytes): one timed call does the batch-1 prefill of the prompt, then --new-tokens decode steps at contexts
+P+1 .. P+N; each step reads every matmul weight once (in the compute dtype the engine casts them to) and each
+row's KV cache. GFLOP/s and GB/s are those totals over the best run's seconds; MFU and MBU divide them by this
+CPU's measured peaks: a dense matmul of the compute dtype (base_train.measure_matmul_flops) and a streaming
+read of a 512 MiB buffer. Batch 1 decode is bound by bandwidth (the weights are read for one token), so MBU
+is the figure to watch there.
 """
 
 import argparse
@@ -20,6 +28,7 @@ import time
 
 import torch
 
+from nanochat.common import COMPUTE_DTYPE
 from nanochat.engine import Engine
 from nanochat.gpt import GPTConfig, build_model
 from nanochat.scaling import model_dims
@@ -54,6 +63,28 @@ def build(depth, vocab_size, sequence_len, seed=0):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     return model.eval()
+
+
+def run_totals(model, prompt_tokens, new_tokens, batch):
+    """(FLOPs, bytes moved) of one timed Engine.generate call; see the module docstring."""
+    contexts = range(prompt_tokens + 1, prompt_tokens + new_tokens + 1)
+    flops = model.estimate_prefill_flops(prompt_tokens) + batch * sum(model.estimate_decode_flops(c)
+                                                                       for c in contexts)
+    weight_bytes = model.num_matmul_params() * COMPUTE_DTYPE.itemsize
+    moved = (new_tokens + 1) * weight_bytes + batch * sum(model.kv_read_bytes(c) for c in contexts)
+    return flops, moved
+
+
+def measure_read_bandwidth(nbytes=512 * 2 ** 20, reps=5):
+    """Bytes/s of a streaming read (sum over a buffer much larger than the caches), best of `reps`."""
+    buf = torch.ones(nbytes // 4, dtype=torch.float32)
+    buf.sum()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best
 
 
 def time_generate(engine, prompt, batch, new_tokens, temperature, top_k):
@@ -103,14 +134,28 @@ def main():
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return
 
-    print(f"{'batch':>5} {'best tok/s':>11} {'mean tok/s':>11} {'reference':>10} {'ratio':>6}")
+    from nanochat.stages.base_train import measure_matmul_flops  # noqa: PLC0415
+    peak_flops = measure_matmul_flops("cpu", COMPUTE_DTYPE, n=1024)
+    peak_bandwidth = measure_read_bandwidth()
+    mid = args.prompt_tokens + args.new_tokens // 2
+    print(f"per decoded token at context {mid}: {model.estimate_decode_flops(mid) / 1e6:.1f} MFLOP, "
+          f"weights {model.num_matmul_params() * COMPUTE_DTYPE.itemsize / 1e6:.1f} MB (read once per step), "
+          f"KV {model.kv_read_bytes(mid) / 1e3:.1f} kB per row ({model.kv_bytes_per_token()} B per cached token); "
+          f"measured peaks: matmul {peak_flops / 1e9:.0f} GFLOP/s, read {peak_bandwidth / 1e9:.1f} GB/s")
+
+    print(f"{'batch':>5} {'best tok/s':>11} {'mean tok/s':>11} {'reference':>10} {'ratio':>6} "
+          f"{'GFLOP/s':>8} {'MFU %':>6} {'GB/s':>6} {'MBU %':>6}")
     for batch in args.batch:
         time_generate(engine, prompt, batch, 16, args.temperature, args.top_k)   # warm-up (allocator, threads)
         runs = [time_generate(engine, prompt, batch, args.new_tokens, args.temperature, args.top_k)
                 for _ in range(args.repeats)]
         best, ref = max(runs), REFERENCE_TOK_PER_SEC.get(batch)
         ratio = f"{best / ref:.2f}x" if ref else "-"
-        print(f"{batch:>5} {best:>11.0f} {statistics.mean(runs):>11.0f} {ref or '-':>10} {ratio:>6}", flush=True)
+        seconds = batch * args.new_tokens / best
+        flops, moved = run_totals(model, args.prompt_tokens, args.new_tokens, batch)
+        print(f"{batch:>5} {best:>11.0f} {statistics.mean(runs):>11.0f} {ref or '-':>10} {ratio:>6} "
+              f"{flops / seconds / 1e9:>8.1f} {100 * flops / seconds / peak_flops:>6.1f} "
+              f"{moved / seconds / 1e9:>6.1f} {100 * moved / seconds / peak_bandwidth:>6.1f}", flush=True)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 

@@ -195,6 +195,37 @@ class GPT(nn.Module):
         attn = sum(12 * H * D * min(w, T) for w in self.window_sizes)
         return 6 * self.num_matmul_params() + attn
 
+    # inference (reference 2.9): per-position FLOPs with a KV cache, and the cache's size in bytes.
+    # `ctx` counts the keys a query attends to, its own position included; a layer reads min(ctx, window) of them.
+
+    def estimate_decode_flops(self, ctx):
+        """Forward FLOPs of one decoded token at context length ctx: 2 * matmul params (lm_head included)
+        + sum over layers of 4*H*D*min(ctx, window) (QK^T and AV, 2*H*D each per key)."""
+        H, D = self.config.n_head, self.config.n_embd // self.config.n_head
+        return 2 * self.num_matmul_params() + sum(4 * H * D * min(ctx, w) for w in self.window_sizes)
+
+    def estimate_prefill_flops(self, n):
+        """Forward FLOPs of an n-token prefill (causal, the logits of every position included): the sum of
+        estimate_decode_flops(ctx) for ctx = 1..n, i.e. with w = min(window, n) a layer attends over
+        w(w+1)/2 + (n-w)*w (query, key) pairs."""
+        H, D = self.config.n_head, self.config.n_embd // self.config.n_head
+        pairs = 0
+        for window in self.window_sizes:
+            w = min(window, n)
+            pairs += w * (w + 1) // 2 + (n - w) * w
+        return 2 * self.num_matmul_params() * n + 4 * H * D * pairs
+
+    def kv_bytes_per_token(self):
+        """KV-cache bytes one position takes across all layers (k and v, COMPUTE_DTYPE)."""
+        c = self.config
+        return c.n_layer * 2 * c.n_kv_head * (c.n_embd // c.n_head) * COMPUTE_DTYPE.itemsize
+
+    def kv_read_bytes(self, ctx):
+        """KV-cache bytes one decoded token reads at context length ctx (sliding layers read only their window)."""
+        c = self.config
+        per_position = 2 * c.n_kv_head * (c.n_embd // c.n_head) * COMPUTE_DTYPE.itemsize
+        return sum(per_position * min(ctx, w) for w in self.window_sizes)
+
     def num_scaling_params(self):
         counts = {
             "wte": self.transformer.wte.weight.numel(),
