@@ -4,7 +4,8 @@ Causal (sliding-window) attention in the (B, T, H, D) layout, with an optional K
 One function, `attention(q, k, v, window, kv_cache=None, layer_idx=0)`, dispatches to the backend chosen once
 at import (printed by the stages and recorded in their events as `attention_backend`):
 
-- "fa3": FlashAttention 3 (the `flash_attn_interface` module of a local FA3 build), Hopper GPUs, bf16/fp16;
+- "fa3": FlashAttention 3 (the `flash_attn_interface` module of a local FA3 build), Hopper GPUs. "auto" picks it
+  only when COMPUTE_DTYPE is bf16, as the reference (section 3: fp16 and fp32 fall back);
 - "flash_attn": flash-attn 2 (`pip install nanorun[gpu]`), CUDA bf16/fp16;
 - "flex": PyTorch FlexAttention for the sliding-window layers (a block-sparse mask, no dense (T, T) mask;
   compiled) and SDPA's causal kernel for the full-window layers. The CUDA default when no FA is installed;
@@ -12,9 +13,9 @@ at import (printed by the stages and recorded in their events as `attention_back
   default: FlexAttention has no backward on CPU (reference/platform-facts.md) and its compile costs seconds.
 
 NANOCHAT_ATTENTION=fa3|flash_attn|flex|sdpa forces one (an unavailable choice is a one-line error at import);
-the default "auto" takes the first available of fa3, flash_attn, flex (CUDA only), sdpa. `available_backends()`
-lists what this machine can run; tests/test_attention.py checks that every one of them gives the same outputs
-(and, where backward exists on CPU, the same gradients) as a textbook masked softmax.
+the default "auto" takes the first available of fa3 (bf16 only), flash_attn (bf16/fp16), flex (CUDA only),
+sdpa. `available_backends()` lists what this machine can run; tests/test_attention.py checks that every one of
+them gives the same outputs (and, where backward exists on CPU, the same gradients) as a textbook masked softmax.
 
 Window convention (as FA's window_size=(left, 0)): query i attends to keys j with i - window <= j <= i, i.e.
 window+1 keys; window >= T - 1 means full causal attention.
@@ -79,16 +80,17 @@ def available_backends(device_type=None):
     return found
 
 
-def choose_backend(requested=None, device_type=None, dtype=COMPUTE_DTYPE):
-    """The backend for `requested` ("auto" or a name); raises ValueError naming what is available."""
+def choose_backend(requested=None, device_type=None, dtype=COMPUTE_DTYPE, available=None):
+    """The backend for `requested` ("auto" or a name); raises ValueError naming what is available.
+    `available` defaults to available_backends(device_type) (tests pass a GPU machine's list)."""
     requested = (requested or "auto").strip().lower()
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-    avail = available_backends(device_type)
+    avail = available_backends(device_type) if available is None else list(available)
     if requested == "auto":
-        half = dtype in (torch.bfloat16, torch.float16)
-        for name in ("fa3", "flash_attn"):
-            if name in avail and half:
-                return name
+        if "fa3" in avail and dtype == torch.bfloat16:
+            return "fa3"
+        if "flash_attn" in avail and dtype in (torch.bfloat16, torch.float16):
+            return "flash_attn"
         return "flex" if device_type == "cuda" and "flex" in avail else "sdpa"
     if requested not in BACKENDS:
         raise ValueError(f"NANOCHAT_ATTENTION={requested!r}: expected auto or one of {', '.join(BACKENDS)}")

@@ -35,6 +35,22 @@ def test_cpu_has_sdpa_and_flex_and_auto_picks_sdpa():
     assert A.choose_backend("FLEX", "cpu") == "flex"
 
 
+@pytest.mark.parametrize("available,dtype,want", [
+    # Hopper with both FA builds: FA3 only under bf16 (reference section 3), flash-attn 2 takes fp16
+    (["fa3", "flash_attn", "flex", "sdpa"], torch.bfloat16, "fa3"),
+    (["fa3", "flash_attn", "flex", "sdpa"], torch.float16, "flash_attn"),
+    (["fa3", "flash_attn", "flex", "sdpa"], torch.float32, "flex"),
+    (["fa3", "flex", "sdpa"], torch.float16, "flex"),
+    (["fa3", "sdpa"], torch.float16, "sdpa"),
+    (["flash_attn", "flex", "sdpa"], torch.bfloat16, "flash_attn"),
+    (["flex", "sdpa"], torch.bfloat16, "flex"),
+])
+def test_auto_choice_on_a_gpu_machine(available, dtype, want):
+    assert A.choose_backend("auto", "cuda", dtype, available=available) == want
+    if "fa3" in available:  # an explicit choice is honoured whatever the dtype
+        assert A.choose_backend("fa3", "cuda", torch.float16, available=available) == "fa3"
+
+
 def test_bad_backend_names_are_one_line_errors():
     with pytest.raises(ValueError, match="expected auto or one of fa3, flash_attn, flex, sdpa"):
         A.choose_backend("flash", "cpu")
