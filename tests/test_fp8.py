@@ -59,3 +59,18 @@ def test_fp8_restored_after_an_error_inside():
         with fp8_disabled(model):
             raise RuntimeError("eval failed")
     assert len(fp8_modules(model)) > 0
+
+
+def test_conversion_keeps_flops_and_matmul_params():
+    """base_train calls estimate_flops() after convert_to_fp8: the count must include the Float8Linears.
+    n_embd 256, head_dim 128: every attention/MLP projection and lm_head (256 -> 320) qualifies."""
+    config = GPTConfig(sequence_len=128, vocab_size=300, n_layer=2, n_head=2, n_kv_head=2, n_embd=256)
+    model = build_model(config)
+    flops, matmul = model.estimate_flops(), model.num_matmul_params()
+    decode = model.estimate_decode_flops(100)
+    n = convert_to_fp8(model, "tensorwise")
+    assert n == 2 * 6 + 1                            # c_q, c_k, c_v, c_proj, c_fc, mlp.c_proj per layer + lm_head
+    assert type(model.lm_head).__name__ == type(model.transformer.h[1].mlp.c_proj).__name__ == "Float8Linear"
+    assert model.num_matmul_params() == matmul
+    assert model.estimate_flops() == flops
+    assert model.estimate_decode_flops(100) == decode
