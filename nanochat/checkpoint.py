@@ -10,6 +10,9 @@ Every file is written atomically (tmp + fsync + rename), and a step counts only 
 so a crash mid-save leaves the previous step as the last complete one. The meta records the world size
 that wrote the step; loading with another world size merges every old optimizer shard into one unsharded
 state (MuonAdamW.load_state_dict re-shards it), and remap_loader_states() restarts dataloader cursors.
+Rewriting a step removes its meta first, so a save killed midway never leaves old and new files passing for
+one complete step; remove_partial_files() clears the temporaries such a kill leaves. Across nodes the
+directory must be on a filesystem every node sees (rank 0 writes model + meta, each rank its own shards).
 
     save_checkpoint(dir, step, model.state_dict(), opt.state_dict(), meta, rank, rank_state=loader.state_dict())
     model, meta = load_model(dir)           # newest complete step, on CPU in fp32
@@ -24,7 +27,7 @@ import torch
 
 import torch.distributed as dist
 
-from nanochat.common import atomic_torch_save, atomic_write_json, barrier, print0
+from nanochat.common import atomic_torch_save, atomic_write_json, barrier, fsync_dir, print0
 
 
 def _model_path(d, step):
@@ -50,6 +53,12 @@ def _world_size():
 def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, rank_state=None):
     """Collective when torch.distributed is initialized: every rank must call it."""
     os.makedirs(ckpt_dir, exist_ok=True)
+    meta_path = _meta_path(ckpt_dir, step)
+    if os.path.exists(meta_path):  # overwriting a step: it stops being complete before any file of it changes
+        if rank == 0:
+            os.remove(meta_path)
+            fsync_dir(ckpt_dir)
+        barrier()
     if rank == 0:
         atomic_torch_save(model_state, _model_path(ckpt_dir, step))
     if optim_state is not None:
@@ -60,6 +69,17 @@ def save_checkpoint(ckpt_dir, step, model_state, optim_state, meta, rank=0, rank
     if rank == 0:
         atomic_write_json(_meta_path(ckpt_dir, step), {**meta, "step": step, "world_size": _world_size()})
     barrier()
+
+
+def remove_partial_files(ckpt_dir):
+    """Delete the temporary files of saves that were killed before their rename (name.tmp.PID); call it before
+    this run saves anything."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    partial = [f for f in os.listdir(ckpt_dir) if re.fullmatch(r".+\.tmp\.\d+", f)]
+    for f in partial:
+        os.remove(os.path.join(ckpt_dir, f))
+    return partial
 
 
 def list_steps(ckpt_dir):

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -32,7 +33,7 @@ def get_base_dir():
 # A reader (or a resumed run) therefore sees either the old file or the complete new one, never a torn one.
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -54,7 +55,7 @@ def atomic_write_bytes(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def atomic_write_json(path, obj):
@@ -70,7 +71,7 @@ def atomic_torch_save(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def read_json(path, default=None):
@@ -220,8 +221,20 @@ def print0(*args, **kwargs):
 
 
 def synchronize(device):
+    """Wait for the device's queued work (timing must not measure asynchronous dispatch)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def peak_memory_mib(device):
+    """Peak memory so far in MiB: allocated tensors on CUDA, the process's peak resident set elsewhere."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10  # bytes on macOS, KiB on Linux
 
 
 # -----------------------------------------------------------------------------
@@ -242,6 +255,8 @@ class EventLog:
         if self.enabled:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self._f = open(path, "a", buffering=1)
+            if _ends_mid_line(path):  # a killed writer tore its last line: keep that line apart from ours
+                self._f.write("\n")
             if wandb_run and wandb_run != "dummy":  # "dummy" = off, as in the reference
                 self._wandb = _wandb_init(wandb_run, wandb_project, config, os.path.dirname(os.path.abspath(path)))
 
@@ -267,14 +282,32 @@ class EventLog:
             self._wandb = None
 
 
+def _ends_mid_line(path):
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() == 0:
+            return False
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def _wandb_init(run_name, project, config, out_dir):
-    """Mirror metrics to Weights & Biases. WANDB_MODE=offline works without network (files under out_dir/wandb)."""
+    """Mirror metrics to Weights & Biases. WANDB_MODE=offline works without network (files under out_dir/wandb).
+    The run id is kept in out_dir/wandb/run_id, so a stage resumed in the same directory continues its run."""
     try:
         import wandb
     except ImportError:
         raise ValueError(f"--run {run_name}: wandb logging needs the wandb package "
                          f"(pip install 'nanorun[wandb]'), or use --run dummy") from None
-    return wandb.init(project=project, name=run_name, config=config or {}, dir=out_dir)
+    id_path = os.path.join(out_dir, "wandb", "run_id")
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        run_id = uuid.uuid4().hex[:8]  # the shape of the ids wandb makes itself
+        os.makedirs(os.path.dirname(id_path), exist_ok=True)
+        atomic_write_bytes(id_path, (run_id + "\n").encode())
+    return wandb.init(project=project, name=run_name, id=run_id, resume="allow", config=config or {}, dir=out_dir)
 
 
 def write_result(out_dir, stage, metrics, outputs=None, **extra):
@@ -283,32 +316,3 @@ def write_result(out_dir, stage, metrics, outputs=None, **extra):
               "metrics": metrics, "outputs": outputs or {}, **extra}
     atomic_write_json(os.path.join(out_dir, "result.json"), result)
     return result
-
-
-# -----------------------------------------------------------------------------
-# Stage arguments: reference-style flags, plus --config FILE (what the runner writes) whose keys are argparse
-# dest names. The config installs defaults, then the command line is parsed again so explicit flags win.
-
-
-def parse_args_with_config(parser, argv=None, ignore=(), required=()):
-    """Parse argv with `parser`, taking defaults from --config JSON. Unknown config keys (other than `ignore`)
-    and `required` dests left empty by both are a one-line error with exit status 2 (argparse's error())."""
-    args, _ = parser.parse_known_args(argv)
-    if getattr(args, "config", None):
-        try:
-            with open(args.config) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            parser.error(f"--config {args.config}: {e}")
-        if not isinstance(config, dict):
-            parser.error(f"--config {args.config}: expected a JSON object of flag values")
-        dests = {action.dest for action in parser._actions}
-        unknown = sorted(set(config) - dests - set(ignore))
-        if unknown:
-            parser.error(f"--config {args.config}: unknown keys {unknown} (use argparse dest names)")
-        parser.set_defaults(**{k: v for k, v in config.items() if k in dests and k != "config"})
-    args = parser.parse_args(argv)
-    for name in required:
-        if not getattr(args, name):
-            parser.error(f"--{name.replace('_', '-')} is required (or '{name}' in --config)")
-    return args

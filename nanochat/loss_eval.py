@@ -22,7 +22,8 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     model(x, y, loss_reduction="none") must return the per-token loss in nats, shape (B, T).
     token_bytes[id] = number of UTF-8 bytes of token id (0 for special tokens)."""
     device = token_bytes.device
-    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    acc = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    total_nats = torch.zeros((), dtype=acc, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     batch_iter = iter(batches)
     for _ in range(steps):
@@ -30,7 +31,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
             x, y = next(batch_iter)
         except StopIteration:
             break
-        loss = model(x, y, loss_reduction="none").view(-1).to(torch.float64)  # (B*T,) nats
+        loss = model(x, y, loss_reduction="none").view(-1).to(acc)  # (B*T,) nats
         y = y.view(-1).to(token_bytes.device)
         valid = y >= 0
         # index with 0 where the target is ignored, then zero those entries: no negative indexing

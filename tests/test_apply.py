@@ -38,6 +38,8 @@ train:
   device_batch_size: 4
   total_batch_size: 512
   warmup_steps: 2
+  warmdown_ratio: 0.5
+  final_lr_frac: 0.2
   save_every: 4
   eval_every: 6
   eval_tokens: 1024
@@ -212,6 +214,13 @@ def test_apply_runs_every_stage_and_records_the_run(applied):
     assert evals["num_samples"] > 0 and 0 < evals["val_bpb"] < 20
     curve, _ = loss_curve(dirs["base_train"])
     assert sorted(curve) == list(range(12))
+    # the spec's schedule reached the stage: warmup 2, warmdown over the last 6 steps down to 0.2
+    from nanochat.stages.base_train import lr_multiplier
+    with open(os.path.join(dirs["base_train"], "events.jsonl")) as f:
+        lrm = {e["step"]: e["values"]["train/lrm"] for e in map(json.loads, f)
+               if e["kind"] == "metric" and "train/lrm" in e["values"]}
+    assert lrm == {step: lr_multiplier(step, 12, 2, 0.5, 0.2) for step in range(12)}
+    assert lrm[0] == 0.5 and lrm[3] == 1.0 and lrm[11] == pytest.approx(0.2 + 0.8 / 6)
 
     runs = nanorun(["runs", "--json"], home)
     assert runs.returncode == 0, runs.stderr

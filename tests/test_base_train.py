@@ -52,7 +52,7 @@ def corpus(tmp_path_factory):
             "bundle_dir": str(bundle)}
 
 
-def run_stage(corpus, out_dir, *flags, nproc=1):
+def run_stage(corpus, out_dir, *flags, nproc=1, check=True):
     args = ["--depth", "2", "--head-dim", "64", "--max-seq-len", "64", "--device-batch-size", "2",
             "--total-batch-size", "256", "--eval-tokens", "256", "--core-metric-every", "-1",
             "--matrix-lr", "0.5", "--embedding-lr", "10", "--unembedding-lr", "1", "--warmup-steps", "1",
@@ -64,7 +64,7 @@ def run_stage(corpus, out_dir, *flags, nproc=1):
                     "-m", "nanochat.stages.base_train"]
     env = {**os.environ, "NANORUN_HOME": corpus["home"], "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(launcher + args, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 or not check, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
@@ -107,7 +107,10 @@ def test_train_events_result_checkpoints_and_exact_resume(corpus, tmp_path):
     assert curve[5] < curve[0]
     assert sorted(val_bpbs(events)) == [0, 3, 6]
     metric_keys = {k for e in events if e["kind"] == "metric" for k in e["values"]}
-    assert {"train/loss", "train/lrm", "train/dt", "train/tok_per_sec", "train/mfu", "val/bpb"} <= metric_keys
+    assert {"train/loss", "train/lrm", "train/dt", "train/tok_per_sec", "train/mfu", "val/bpb", "train/eta_s",
+            "train/peak_mem_mib", "train/epoch", "train/total_training_flops"} <= metric_keys
+    last = [e["values"] for e in events if e["kind"] == "metric" and e["step"] == 5 and "train/loss" in e["values"]][0]
+    assert last["train/eta_s"] == 0 and last["train/peak_mem_mib"] > 50  # peak RSS of a torch process, MiB
     samples = [e for e in events if e["kind"] == "sample"]
     assert len(samples) == 7 and all(e["step"] == 6 for e in samples)
     core_events = [e for e in events if e["kind"] == "eval"]
@@ -118,6 +121,7 @@ def test_train_events_result_checkpoints_and_exact_resume(corpus, tmp_path):
     m = result["metrics"]
     assert m["num_iterations"] == 6 and m["val_bpb"] == val_bpbs(events)[6]
     assert m["min_val_bpb"] == min(val_bpbs(events).values()) and m["params_total"] > 0
+    assert m["peak_memory_mib"] >= last["train/peak_mem_mib"]
     assert -1.0 <= m["core_metric"] <= 1.0
     assert math.isfinite(m["mfu"]) and m["total_flops"] == m["flops_per_token"] * 256 * 6
     ckpt = out / "checkpoints"
@@ -137,6 +141,20 @@ def test_train_events_result_checkpoints_and_exact_resume(corpus, tmp_path):
     assert sorted(curve2) == [3, 4, 5]
     assert all(curve2[s] == curve[s] for s in (3, 4, 5)), (curve, curve2)
     assert val_bpbs(events2)[6] == val_bpbs(events)[6]
+
+    # a fresh run never trains over another run's checkpoints, and a resume past the planned end is refused
+    # (it used to run on forever with a negative learning rate)
+    before = sorted(os.listdir(ckpt))
+    proc = run_stage(corpus, out, "--num-iterations", "6", check=False)
+    assert proc.returncode != 0 and "already holds checkpoints of a run (steps 3, 6)" in proc.stderr
+    proc = run_stage(corpus, out, "--num-iterations", "4", "--resume-from-step", "-2", check=False)
+    assert proc.returncode != 0 and "checkpoint step 6" in proc.stderr and "past this run's last step" in proc.stderr
+    assert sorted(os.listdir(ckpt)) == before
+    # resuming a finished run at its last step evaluates again but leaves its checkpoint as it is (a rewrite
+    # killed midway would lose the only copy)
+    written = os.stat(ckpt / "meta_000006.json").st_mtime_ns
+    run_stage(corpus, out, "--num-iterations", "6", "--resume-from-step", "-2", "--sample-every", "-1")
+    assert os.stat(ckpt / "meta_000006.json").st_mtime_ns == written and sorted(os.listdir(ckpt)) == before
 
 
 @pytest.mark.slow
@@ -248,6 +266,8 @@ def test_wandb_run_name_mirrors_metrics_offline(corpus, tmp_path):
     assert len(runs) == 1
     files = os.listdir(tmp_path / "w" / "wandb" / runs[0])
     assert any(f.endswith(".wandb") for f in files)
+    run_id = (tmp_path / "w" / "wandb" / "run_id").read_text().strip()
+    assert runs[0].endswith(run_id)  # kept in the stage dir: a resumed stage continues the same wandb run
     proc = subprocess.run(common + ["--run", "dummy", "--out-dir", str(tmp_path / "d")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and not os.path.exists(tmp_path / "d" / "wandb")
@@ -278,6 +298,26 @@ def test_fp8_training_evaluates_without_fp8(corpus, tmp_path):
     with torch.no_grad():
         fresh = evaluate_bpb(model.eval(), batches, 2, tok.token_bytes())
     assert abs(fresh - fp8_bpb) < 1e-6, (fresh, fp8_bpb)
+
+
+def test_fp16_trains_with_a_grad_scaler(corpus, tmp_path):
+    """--dtype float16 (which must reach nanochat.common before it is imported) trains through a GradScaler whose
+    scale is logged and checkpointed; the run resumes from its checkpoint with the same losses."""
+    out = tmp_path / "fp16"
+    flags = ("--dtype", "float16", "--num-iterations", "4", "--eval-every", "-1", "--sample-every", "-1",
+             "--save-every", "2")
+    proc = run_stage(corpus, out, *flags)
+    assert "compute dtype: torch.float16" in proc.stdout
+    events = read_events(out)
+    scales = [e["values"]["train/loss_scale"] for e in events if e["kind"] == "metric" and "train/loss" in e["values"]]
+    curve = losses(events)
+    assert len(scales) == 4 and all(s > 1 for s in scales) and all(math.isfinite(v) for v in curve.values())
+    with open(out / "checkpoints" / "meta_000002.json") as f:
+        assert json.load(f)["loop_state"]["grad_scaler"]["scale"] == scales[1]
+    resumed = tmp_path / "fp16_resumed"
+    truncate_to_step(out, resumed, 2)
+    run_stage(corpus, resumed, *flags, "--resume-from-step", "-2")
+    assert losses(read_events(resumed)) == {s: curve[s] for s in (2, 3)}
 
 
 def test_keep_freed_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):

@@ -6,6 +6,7 @@ resume from a periodic checkpoint.
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -163,8 +164,8 @@ def base_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
     return directory
 
 
-def _run_sft(tmp_path, config, extra=(), nproc=1):
-    env = {**os.environ, "NANORUN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+def _run_sft(tmp_path, config, extra=(), nproc=1, env=None):
+    env = {**os.environ, "NANORUN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1", **(env or {})}
     tmp_path.mkdir(parents=True, exist_ok=True)
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(config))
@@ -290,3 +291,14 @@ def test_sft_resumes_exactly_from_a_periodic_checkpoint(tmp_path, base_checkpoin
     b, _ = load_model(str(resumed / "checkpoints"))
     assert meta["stage"] == "sft" and meta["step"] == 6
     assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_sft_in_fp16_scales_the_loss_and_checkpoints_the_scaler(tmp_path, base_checkpoint, tiny_tokenizer_dir):
+    cfg = _config(base_checkpoint, tiny_tokenizer_dir, num_iterations=3, eval_every=-1, save_every=2,
+                  arithmetic_examples=40, spelling_examples=40, identity_epochs=1)
+    out, _ = _run_sft(tmp_path, cfg, env={"NANOCHAT_DTYPE": "float16"})
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    steps = [e["values"] for e in events if e["kind"] == "metric" and "train/loss" in e["values"]]
+    assert len(steps) == 3 and all(v["train/loss_scale"] > 1 and math.isfinite(v["train/loss"]) for v in steps)
+    meta = json.loads((out / "checkpoints" / "meta_000002.json").read_text())
+    assert meta["grad_scaler"]["scale"] == steps[1]["train/loss_scale"]

@@ -41,7 +41,7 @@ def build_parser():
 
 def parse_args(argv=None):
     parser = build_parser()
-    from nanochat.common import parse_args_with_config
+    from nanochat.stage_args import parse_args_with_config
     args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir", "out_dir"))
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
     bad = sorted(set(args.evals) - {"core", "bpb", "sample"})

@@ -8,6 +8,9 @@ MuonAdamW, warmup/warmdown schedules, periodic val bpb / CORE / samples, atomic 
 
 Flags use the reference names and defaults; --config FILE (JSON keyed by argparse dest names) sets defaults
 that explicit flags override. Outputs in --out-dir: events.jsonl, checkpoints/, result.json (written last).
+--resume-from-step -2 continues from the newest complete checkpoint (what `nanorun apply` passes); a fresh run
+refuses an --out-dir that already holds checkpoints, and a resume past the run's last step is refused.
+Under --dtype float16 a GradScaler scales the loss (its state is checkpointed).
 
 Distributed: the optimizer state is sharded across ranks (nanochat.optim). Data: every micro-step of every
 rank reads its own stream, "virtual rank" v = rank * grad_accum + micro_step of world_size * grad_accum, so
@@ -97,7 +100,7 @@ def parse_args(argv=None):
     """Two passes: read --config, install its values as defaults, then parse again so flags win.
     Bad input exits with status 2 and a one-line message (argparse's error())."""
     parser = build_parser()
-    from nanochat.common import parse_args_with_config
+    from nanochat.stage_args import parse_args_with_config
     args = parse_args_with_config(parser, argv, ignore=INFORMATIVE_CONFIG_KEYS, required=("data_dir", "tokenizer_dir"))
     if args.dtype not in (None, "bfloat16", "float16", "float32"):
         parser.error(f"--dtype {args.dtype}: expected bfloat16, float16 or float32")
@@ -220,13 +223,16 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
 
     from nanochat import scaling
     from nanochat.attention import BACKEND
-    from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, save_checkpoint
-    from nanochat.common import COMPUTE_DTYPE, get_base_dir, get_peak_flops, print0, synchronize, write_result
+    from nanochat.checkpoint import (find_last_step, list_steps, load_checkpoint, remove_partial_files,
+                                     save_checkpoint)
+    from nanochat.common import (COMPUTE_DTYPE, get_base_dir, get_peak_flops, peak_memory_mib, print0, synchronize,
+                                 write_result)
     from nanochat.dataloader import DataLoader
     from nanochat.engine import Engine
     from nanochat.fp8 import convert_to_fp8, fp8_disabled
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.loss_eval import evaluate_bpb
+    from nanochat.optim import step_with_scaler
     from nanochat.tokenizer import Tokenizer
 
     # --- tokenizer, derived numbers, model -----------------------------------
@@ -263,13 +269,26 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     resume_step = args.resume_from_step
     if resume_step == -2:
         resume_step = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else -1
-    loop_state, meta = {}, None
+    if resume_step < 0 and list_steps(ckpt_dir):
+        raise ValueError(f"{ckpt_dir} already holds checkpoints of a run (steps "
+                         f"{', '.join(map(str, list_steps(ckpt_dir)))}): resume it with --resume-from-step -2 "
+                         "or choose another --out-dir")
+    if rank == 0:
+        remove_partial_files(ckpt_dir)  # what a save killed midway left behind
+    loop_state, meta, saved_world = {}, None, None
     if resume_step >= 0:
         print0(f"resuming from step {resume_step} of {ckpt_dir}")
         model_state, optim_state, meta, _ = load_checkpoint(ckpt_dir, resume_step, device, rank, world_size=world_size)
+        if resume_step > N:
+            raise ValueError(f"checkpoint step {resume_step} of {ckpt_dir} is past this run's last step "
+                             f"(num_iterations resolved to {N})")
+        if meta.get("num_iterations", N) != N:
+            print0(f"warning: checkpoint step {resume_step} was written by a run of {meta['num_iterations']} "
+                   f"iterations; this one has {N}, so the schedules from here on differ from that run's")
         model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
         orig_model.load_state_dict(model_state, strict=True)
         loop_state = meta.get("loop_state", {})
+        saved_world = meta.get("world_size", 1)
         del model_state
 
     if args.fp8:
@@ -292,6 +311,10 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     if resume_step >= 0:
         optimizer.load_state_dict(optim_state)  # this rank's shard, or a merged state re-sharded here
         del optim_state
+    # fp16 needs loss scaling (reference 2.10): params stay fp32 masters, so the scaler can unscale their grads
+    scaler = torch.amp.GradScaler(device.type) if COMPUTE_DTYPE == torch.float16 else None
+    if scaler is not None and resume_step >= 0 and "grad_scaler" in loop_state:
+        scaler.load_state_dict(loop_state["grad_scaler"])
     print0(f"world size {world_size}, optimizer state sharding:")
     for line in optimizer.sharding_summary():
         print0(f"  {line}")
@@ -330,6 +353,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     val_bpb, core_metric, train_loss_f, tok_per_sec, mfu = loop_state.get("val_bpb"), None, None, 0.0, 0.0
     tok_per_sec_sum, timed_steps = loop_state.get("tok_per_sec_sum", 0.0), loop_state.get("timed_steps", 0)
     ema_beta = 0.9
+    first_step = step
+    prefetched = [None] * grad_accum  # batches drawn ahead of their micro-step
 
     while True:
         last_step = step == N
@@ -375,15 +400,21 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                     events.log("sample", step=step, prompt=prompt, text=prompt + text)
             orig_model.train()
         # --- checkpoint (the state after `step` optimizer steps, before the next batch is drawn)
-        if last_step or (step > 0 and step != resume_step and args.save_every > 0 and step % args.save_every == 0):
+        # a resume that starts at the last step saves it again only to re-shard it for another world size
+        same_as_loaded = step == resume_step and saved_world == world_size
+        if (last_step and not same_as_loaded) or (step > 0 and step != resume_step and args.save_every > 0
+                                                  and step % args.save_every == 0):
             meta = {
                 "step": step, "val_bpb": val_bpb, "model_config": vars(model_config), "user_config": vars(args),
                 "device_batch_size": dbs, "max_seq_len": T, "total_batch_size": B, "world_size": world_size,
+                "num_iterations": N,
                 "model_tag": args.model_tag or f"d{args.depth}",
                 "loop_state": {"min_val_bpb": min_val_bpb, "smooth_train_loss": smooth_train_loss,
                                "total_training_time": total_training_time, "val_bpb": val_bpb,
                                "tok_per_sec_sum": tok_per_sec_sum, "timed_steps": timed_steps},
             }
+            if scaler is not None:
+                meta["loop_state"]["grad_scaler"] = scaler.state_dict()
             save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank,
                             rank_state={"loaders": [loader.state_dict() for loader in train_loaders]})
             print0(f"saved checkpoint step {step} to {ckpt_dir}")
@@ -394,11 +425,19 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         synchronize(device)
         t0 = time.time()
         loss_sum = 0.0
-        for loader in train_loaders:
-            x, y = loader.next_batch()
+        # the batch of the next micro-step is drawn while the device runs this one's backward (reference 5.4);
+        # across steps only when no checkpoint comes in between (a checkpoint holds the loader state before it)
+        saves_next = step + 1 == N or (args.save_every > 0 and (step + 1) % args.save_every == 0)
+        for a, loader in enumerate(train_loaders):
+            x, y = prefetched[a] if prefetched[a] is not None else loader.next_batch()
+            prefetched[a] = None
             loss = model(x, y)
             loss_sum += loss.detach()
-            (loss / grad_accum).backward()
+            (loss / grad_accum if scaler is None else scaler.scale(loss / grad_accum)).backward()
+            if a + 1 < grad_accum:
+                prefetched[a + 1] = train_loaders[a + 1].next_batch()
+            elif not saves_next:
+                prefetched[0] = train_loaders[0].next_batch()
         lrm = lr_multiplier(step, N, warmup_steps, args.warmdown_ratio, args.final_lr_frac)
         momentum = muon_momentum(step, N, args.warmdown_ratio)
         muon_wd = muon_weight_decay(step, N, r["weight_decay_scaled"])
@@ -406,7 +445,10 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"], group["weight_decay"] = momentum, muon_wd
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            step_with_scaler(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum
         if ddp:  # log the loss of the whole batch, not rank 0's part: comparable across world sizes
@@ -423,12 +465,20 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             total_training_time += dt
             tok_per_sec_sum += tok_per_sec
             timed_steps += 1
+        # ETA of the remaining steps at the mean step time so far (eval and checkpoints not included)
+        eta = (N - step - 1) * (total_training_time / timed_steps if timed_steps else dt)
+        peak_mem = peak_memory_mib(device)
+        extra = {} if scaler is None else {"train/loss_scale": scaler.get_scale()}
         print0(f"step {step:05d}/{N} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu:.2f} | "
-               f"epoch: {train_loaders[0].epoch} | total time: {total_training_time / 60:.2f}m")
+               f"epoch: {train_loaders[0].epoch} | total time: {total_training_time / 60:.2f}m | "
+               f"eta: {eta / 60:.1f}m | peak mem: {peak_mem:,.0f} MiB")
         events.metric(step, **{"train/loss": train_loss_f, "train/loss_smooth": debiased, "train/lrm": lrm,
-                               "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu})
-        if step == 0:  # avoid ~500 ms GC pauses later (reference 5.4)
+                               "train/dt": dt, "train/tok_per_sec": tok_per_sec, "train/mfu": mfu,
+                               "train/epoch": train_loaders[0].epoch, "train/eta_s": eta,
+                               "train/peak_mem_mib": peak_mem, "train/total_training_time": total_training_time,
+                               "train/total_training_flops": flops_per_token * B * (step + 1), **extra})
+        if step == first_step:  # avoid ~500 ms GC pauses later (reference 5.4); again after a resume
             gc.collect()
             gc.freeze()
             gc.disable()
@@ -437,8 +487,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         step += 1
 
     gc.enable()
-    if device.type == "cuda":
-        print0(f"peak memory: {torch.cuda.max_memory_allocated() / 1024 ** 2:.2f} MiB")
+    peak_mem = peak_memory_mib(device)
+    print0(f"peak memory: {peak_mem:.2f} MiB ({'max allocated' if device.type == 'cuda' else 'peak RSS'})")
     print0(f"total training time: {total_training_time / 60:.2f}m | min val bpb: {min_val_bpb:.6f}")
     metrics = {
         "val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "train_loss": train_loss_f,
@@ -446,7 +496,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         "flops_per_token": flops_per_token, "num_iterations": N, "total_batch_size": B, "total_tokens": B * N,
         "tok_per_sec": tok_per_sec_sum / timed_steps if timed_steps else tok_per_sec, "mfu": mfu,
         "params_total": counts["total"], "scaling_params": r["scaling_params"], "depth": args.depth,
-        "world_size": world_size, "attention_backend": BACKEND,
+        "world_size": world_size, "attention_backend": BACKEND, "peak_memory_mib": peak_mem,
     }
     if core_metric is not None:
         metrics["core_metric"] = core_metric

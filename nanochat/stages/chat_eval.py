@@ -61,7 +61,7 @@ def parse_tasks(value):
 
 
 def parse_args(argv=None):
-    from nanochat.common import parse_args_with_config
+    from nanochat.stage_args import parse_args_with_config
     parser = build_parser()
     args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir", "out_dir"))
     try:

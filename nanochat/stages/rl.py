@@ -62,7 +62,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from nanochat.common import parse_args_with_config
+    from nanochat.stage_args import parse_args_with_config
     parser = build_parser()
     args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir"))
     for name in ("num_epochs", "train_problems", "device_batch_size", "examples_per_step", "num_samples",

@@ -64,7 +64,7 @@ def build_parser():
 
 
 def parse_args(argv=None):
-    from nanochat.common import parse_args_with_config
+    from nanochat.stage_args import parse_args_with_config
     parser = build_parser()
     args = parse_args_with_config(parser, argv, required=("checkpoint_dir", "tokenizer_dir"))
     if not 0 < args.val_fraction < 1:
@@ -118,10 +118,11 @@ def build_mixture(args, cache_dir):
     return train, val, counts
 
 
-def accumulate_step(model, micro_batches, ddp=False):
+def accumulate_step(model, micro_batches, ddp=False, scaler=None):
     """Forward/backward every (x, y) micro-batch with loss = sum of token losses / supervised tokens of the
     whole step (all micro-batches, all ranks). The optimizer AVG-reduces grads over ranks, so each rank
-    divides by total/world_size. -> (step loss as a float tensor, total supervised tokens int)."""
+    divides by total/world_size; `scaler` (fp16) scales what is backpropagated.
+    -> (step loss as a float tensor, total supervised tokens int)."""
     import torch
     import torch.distributed as dist
     counts = torch.tensor([sum(int((y >= 0).sum()) for _, y in micro_batches)], dtype=torch.float64,
@@ -134,7 +135,8 @@ def accumulate_step(model, micro_batches, ddp=False):
     loss_sum = torch.zeros((), dtype=torch.float32, device=counts.device)
     for x, y in micro_batches:
         loss = model(x, y, loss_reduction="sum")
-        (loss * (world / total)).backward()
+        scaled = loss * (world / total)
+        (scaled if scaler is None else scaler.scale(scaled)).backward()
         loss_sum += loss.detach().float()
     if ddp:
         dist.all_reduce(loss_sum, op=dist.ReduceOp.SUM)
@@ -176,7 +178,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     import torch.distributed as dist
 
     from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, load_model, save_checkpoint
-    from nanochat.common import get_base_dir, print0, write_result
+    from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0, write_result
+    from nanochat.optim import step_with_scaler
     from nanochat.sft_data import pack_rows, rows_to_batch
     from nanochat.tokenizer import Tokenizer
 
@@ -248,6 +251,10 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     for group, lr in zip(optimizer.param_groups, base_lrs):  # load_state_dict restored saved LRs: use ours
         group["lr"] = group["initial_lr"] = lr
     events.log("log", message="optimizer", warm_started=bool(args.load_optimizer and has_optim))
+    # fp16 needs loss scaling (reference 2.10); its state is part of the checkpoint, so a resume is exact
+    scaler = torch.amp.GradScaler(device.type) if COMPUTE_DTYPE == torch.float16 else None
+    if scaler is not None and resume is not None and "grad_scaler" in resume_meta:
+        scaler.load_state_dict(resume_meta["grad_scaler"])
 
     def step_batches(step):
         """This rank's grad_accum micro-batches of a step (rows cycle when num_iterations exceeds an epoch)."""
@@ -265,9 +272,10 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     def save(step):
         state = {"step": step, "rows_consumed": step * rows_per_step, "torch_rng": torch.get_rng_state(),
                  "python_rng": random.getstate()}
+        extra = {} if scaler is None else {"grad_scaler": scaler.state_dict()}
         save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(),
                         {**meta, "step": step, "val_loss": val_loss, "train_loss": train_loss,
-                         "supervised_tokens": supervised_total}, rank, rank_state=state)
+                         "supervised_tokens": supervised_total, **extra}, rank, rank_state=state)
 
     first_step = resume or 0
     val_loss, train_loss, supervised_total, t_start = None, None, 0, time.time()
@@ -284,20 +292,24 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         if last:
             break
         t0 = time.time()
-        loss, ntok = accumulate_step(model, step_batches(step), ddp)
+        loss, ntok = accumulate_step(model, step_batches(step), ddp, scaler)
         lrm = lr_multiplier(step / N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            step_with_scaler(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item()
         supervised_total += ntok
         dt = time.time() - t0
         print0(f"step {step:05d}/{N} | loss: {train_loss:.6f} | lrm: {lrm:.3f} | tokens: {ntok} | dt: {dt * 1000:.0f}ms")
+        extra = {} if scaler is None else {"train/loss_scale": scaler.get_scale()}
         events.metric(step, **{"train/loss": train_loss, "train/lrm": lrm, "train/supervised_tokens": ntok,
-                               "train/dt": dt})
+                               "train/dt": dt, **extra})
         if not math.isfinite(train_loss):
             raise ValueError(f"sft: loss is {train_loss} at step {step}")
         if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < N:

@@ -18,7 +18,8 @@ import time
 
 import pyarrow.parquet as pq
 
-from nanochat.common import EventLog, get_dist_info, parse_args_with_config, write_result
+from nanochat.common import EventLog, get_dist_info, write_result
+from nanochat.stage_args import parse_args_with_config
 from nanochat.dataloader import read_data_dir
 from nanochat.tokenizer import Tokenizer, train_tokenizer
 
