@@ -39,11 +39,11 @@ INF = float("inf")
     ("NVIDIA GeForce RTX 5090", 209.5e12),
     ("NVIDIA GeForce RTX 4090", 165.2e12),
     ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA GH200 480GB", 989e12),  # added beside the reference's table (a Hopper GPU)
     # not in the table: inf (MFU reads 0), never a neighbour's figure
     ("NVIDIA L40", INF),
     ("NVIDIA RTX A4000", INF),
     ("NVIDIA RTX A4500", INF),
-    ("NVIDIA GH200 480GB", INF),
     ("NVIDIA GeForce RTX 4080", INF),
     ("Tesla T4", INF),
     ("cpu", INF),
