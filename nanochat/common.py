@@ -190,8 +190,13 @@ def compute_init(device_type=""):
     return ddp, rank, local_rank, world_size, device
 
 
-def compute_cleanup():
+def compute_cleanup(sync=True):
+    """Tear the process group down; with sync, after a barrier, so no rank closes its gloo connections while
+    another still uses them (under load that aborted the slower rank: "terminate called without an active
+    exception"). A failing stage passes sync=False: its peers may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if sync:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -200,14 +205,17 @@ def run_stage(events, stage, fn, **fields):
     logged as status "failed" ("Type: message") and re-raised; the event log and the process group are closed
     either way."""
     events.log("status", status="running", stage=stage, **fields)
+    ok = False
     try:
-        return fn()
+        result = fn()
+        ok = True
+        return result
     except BaseException as e:
         events.log("status", status="failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
         events.close()
-        compute_cleanup()
+        compute_cleanup(sync=ok)
 
 
 def barrier():

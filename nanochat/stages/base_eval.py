@@ -179,8 +179,7 @@ def main(argv=None):
         write_result(args.out_dir, "base_eval", metrics=metrics, outputs=outputs)
     events.log("status", status="done")
     events.close()
-    barrier()  # rank 0 samples alone: the others must not tear the process group down under it
-    compute_cleanup()
+    compute_cleanup()  # after a barrier: rank 0 samples alone, the others must not tear the group down under it
 
 
 if __name__ == "__main__":
