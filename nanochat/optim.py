@@ -414,11 +414,11 @@ class MuonAdamW(torch.optim.Optimizer):
 
 
 def step_with_scaler(optimizer, scaler):
-    """optimizer.step() under a torch.amp.GradScaler (fp16 training, reference 2.10): unscale the grads, skip the
-    step on every rank if any rank saw inf/nan (the step's reductions are collective, so the ranks must agree),
-    then adapt the scale."""
+    """optimizer.step() through a torch.amp.GradScaler (enabled for fp16 training, reference 2.10; a disabled one
+    just steps): unscale the grads, skip the step on every rank if any rank saw inf/nan (the step's reductions
+    are collective, so the ranks must agree), then adapt the scale."""
     scaler.unscale_(optimizer)
-    if _dist_rank_world()[1] > 1:  # GradScaler keeps its per-device flags privately; MAX them over the ranks
+    if scaler.is_enabled() and _dist_rank_world()[1] > 1:  # its per-device flags are private; MAX them over ranks
         for found_inf in scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"].values():
             dist.all_reduce(found_inf, op=dist.ReduceOp.MAX)
     scaler.step(optimizer)

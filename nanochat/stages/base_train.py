@@ -312,8 +312,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         optimizer.load_state_dict(optim_state)  # this rank's shard, or a merged state re-sharded here
         del optim_state
     # fp16 needs loss scaling (reference 2.10): params stay fp32 masters, so the scaler can unscale their grads
-    scaler = torch.amp.GradScaler(device.type) if COMPUTE_DTYPE == torch.float16 else None
-    if scaler is not None and resume_step >= 0 and "grad_scaler" in loop_state:
+    scaler = torch.amp.GradScaler(device.type, enabled=COMPUTE_DTYPE == torch.float16)
+    if scaler.is_enabled() and "grad_scaler" in loop_state:
         scaler.load_state_dict(loop_state["grad_scaler"])
     print0(f"world size {world_size}, optimizer state sharding:")
     for line in optimizer.sharding_summary():
@@ -413,7 +413,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                                "total_training_time": total_training_time, "val_bpb": val_bpb,
                                "tok_per_sec_sum": tok_per_sec_sum, "timed_steps": timed_steps},
             }
-            if scaler is not None:
+            if scaler.is_enabled():
                 meta["loop_state"]["grad_scaler"] = scaler.state_dict()
             save_checkpoint(ckpt_dir, step, orig_model.state_dict(), optimizer.state_dict(), meta, rank,
                             rank_state={"loaders": [loader.state_dict() for loader in train_loaders]})
@@ -433,7 +433,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             prefetched[a] = None
             loss = model(x, y)
             loss_sum += loss.detach()
-            (loss / grad_accum if scaler is None else scaler.scale(loss / grad_accum)).backward()
+            scaler.scale(loss / grad_accum).backward()
             if a + 1 < grad_accum:
                 prefetched[a + 1] = train_loaders[a + 1].next_batch()
             elif not saves_next:
@@ -445,10 +445,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"], group["weight_decay"] = momentum, muon_wd
-        if scaler is None:
-            optimizer.step()
-        else:
-            step_with_scaler(optimizer, scaler)
+        step_with_scaler(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         train_loss = loss_sum / grad_accum
         if ddp:  # log the loss of the whole batch, not rank 0's part: comparable across world sizes
@@ -468,7 +465,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         # ETA of the remaining steps at the mean step time so far (eval and checkpoints not included)
         eta = (N - step - 1) * (total_training_time / timed_steps if timed_steps else dt)
         peak_mem = peak_memory_mib(device)
-        extra = {} if scaler is None else {"train/loss_scale": scaler.get_scale()}
+        extra = {"train/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
         print0(f"step {step:05d}/{N} ({100 * step / N:.2f}%) | loss: {debiased:.6f} | lrm: {lrm:.2f} | "
                f"dt: {dt * 1000:.2f}ms | tok/sec: {int(tok_per_sec):,} | mfu: {mfu:.2f} | "
                f"epoch: {train_loaders[0].epoch} | total time: {total_training_time / 60:.2f}m | "
@@ -504,8 +501,6 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     if rank == 0:
         events.log("status", status="done")
         write_result(out_dir, "base_train", metrics=metrics, outputs=outputs)
-    if ddp:
-        dist.barrier()
     return metrics
 
 

@@ -288,8 +288,6 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     if rank == 0:
         events.log("status", status="done")
         write_result(out_dir, "rl", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": num_steps})
-    if ddp:
-        dist.barrier()
     return metrics
 
 

@@ -175,7 +175,6 @@ def main(argv=None):
 
 def train(args, out_dir, events, ddp, rank, world_size, device):
     import torch
-    import torch.distributed as dist
 
     from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, load_model, save_checkpoint
     from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0, write_result
@@ -252,8 +251,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         group["lr"] = group["initial_lr"] = lr
     events.log("log", message="optimizer", warm_started=bool(args.load_optimizer and has_optim))
     # fp16 needs loss scaling (reference 2.10); its state is part of the checkpoint, so a resume is exact
-    scaler = torch.amp.GradScaler(device.type) if COMPUTE_DTYPE == torch.float16 else None
-    if scaler is not None and resume is not None and "grad_scaler" in resume_meta:
+    scaler = torch.amp.GradScaler(device.type, enabled=COMPUTE_DTYPE == torch.float16)
+    if scaler.is_enabled() and resume is not None and "grad_scaler" in resume_meta:
         scaler.load_state_dict(resume_meta["grad_scaler"])
 
     def step_batches(step):
@@ -272,7 +271,7 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     def save(step):
         state = {"step": step, "rows_consumed": step * rows_per_step, "torch_rng": torch.get_rng_state(),
                  "python_rng": random.getstate()}
-        extra = {} if scaler is None else {"grad_scaler": scaler.state_dict()}
+        extra = {"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}
         save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(),
                         {**meta, "step": step, "val_loss": val_loss, "train_loss": train_loss,
                          "supervised_tokens": supervised_total, **extra}, rank, rank_state=state)
@@ -298,16 +297,13 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
             group["lr"] = group["initial_lr"] * lrm
             if group["kind"] == "muon":
                 group["momentum"] = muon_momentum(step)
-        if scaler is None:
-            optimizer.step()
-        else:
-            step_with_scaler(optimizer, scaler)
+        step_with_scaler(optimizer, scaler)
         optimizer.zero_grad(set_to_none=True)
         train_loss = loss.item()
         supervised_total += ntok
         dt = time.time() - t0
         print0(f"step {step:05d}/{N} | loss: {train_loss:.6f} | lrm: {lrm:.3f} | tokens: {ntok} | dt: {dt * 1000:.0f}ms")
-        extra = {} if scaler is None else {"train/loss_scale": scaler.get_scale()}
+        extra = {"train/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
         events.metric(step, **{"train/loss": train_loss, "train/lrm": lrm, "train/supervised_tokens": ntok,
                                "train/dt": dt, **extra})
         if not math.isfinite(train_loss):
@@ -322,8 +318,6 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     if rank == 0:
         events.log("status", status="done")
         write_result(out_dir, "sft", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": N})
-    if ddp:
-        dist.barrier()
     return metrics
 
 
