@@ -16,7 +16,7 @@ Decode MFU and memory bandwidth (reference 2.9 accounting, GPT.estimate_prefill_
 kv_read_bytes): one timed call does the batch-1 prefill of the prompt, then --new-tokens decode steps at contexts
 P+1 .. P+N; each step reads every matmul weight once (in the compute dtype the engine casts them to) and each
 row's KV cache. GFLOP/s and GB/s are those totals over the best run's seconds; MFU and MBU divide them by this
-CPU's measured peaks: a dense matmul of the compute dtype (base_train.measure_matmul_flops) and a streaming
+CPU's measured peaks: a dense matmul of the compute dtype (nanochat.probe.measure_matmul_peaks) and a streaming
 read of a 512 MiB buffer. Batch 1 decode is bound by bandwidth (the weights are read for one token), so MBU
 is the figure to watch there.
 """
@@ -134,8 +134,9 @@ def main():
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
         return
 
-    from nanochat.stages.base_train import measure_matmul_flops  # noqa: PLC0415
-    peak_flops = measure_matmul_flops("cpu", COMPUTE_DTYPE, n=1024)
+    from nanochat.common import dtype_name  # noqa: PLC0415
+    from nanochat.probe import measure_matmul_peaks  # noqa: PLC0415
+    peak_flops = measure_matmul_peaks("cpu", [dtype_name(COMPUTE_DTYPE)])[dtype_name(COMPUTE_DTYPE)]
     peak_bandwidth = measure_read_bandwidth()
     mid = args.prompt_tokens + args.new_tokens // 2
     print(f"per decoded token at context {mid}: {model.estimate_decode_flops(mid) / 1e6:.1f} MFLOP, "

@@ -8,8 +8,9 @@ forward + backward + optimizer step of nanochat.stages.base_train (same model, s
     .venv/bin/python bench/train_throughput.py --depths 4 --steps 3     # smoke test
     .venv/bin/python bench/train_throughput.py --compile --threads 2 --dtypes bfloat16 --window-pattern L
 
-MFU = flops_per_token * tok/s / peak. Peak on CPU: a measured dense matmul of the same dtype (base_train's
-measure_matmul_flops, so MFU reads "fraction of what a plain matmul gets here"); on CUDA: the BF16 table value
+MFU = flops_per_token * tok/s / peak. Peak on CPU: the measured dense matmul peak the training stage uses
+(nanochat.hardware.mfu_peak_flops over nanochat.probe's cached measurement, so MFU reads "fraction of what a plain
+matmul gets here"); on CUDA: the BF16 table value
 (nanochat.hardware.get_peak_flops), as the reference always reports. NANOCHAT_DTYPE is read once when
 nanochat.common is first imported, so each (depth, dtype) runs in a fresh subprocess of this script
 (--worker); the parent collects one JSON line from each and prints a table plus rows for bench/RESULTS.md.
@@ -60,9 +61,10 @@ def run_one(args, depth):
 
     from nanochat import scaling
     from nanochat.attention import BACKEND
-    from nanochat.common import COMPUTE_DTYPE, autodetect_device_type, get_peak_flops, keep_freed_memory, synchronize
+    from nanochat.common import (COMPUTE_DTYPE, autodetect_device_type, device_caps, dtype_name, keep_freed_memory,
+                                 synchronize)
+    from nanochat.hardware import mfu_peak_flops
     from nanochat.gpt import GPTConfig, build_model
-    from nanochat.stages.base_train import measure_matmul_flops
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -92,10 +94,7 @@ def run_one(args, depth):
         weight_decay=r["weight_decay_scaled"], scalar_lr=r["scalar_lr"])
     optimizer.compile = args.compile_optimizer
 
-    if device.type == "cuda":
-        peak = get_peak_flops(torch.cuda.get_device_name(device))
-    else:
-        peak = measure_matmul_flops(device, COMPUTE_DTYPE, n=2048)
+    peak, _ = mfu_peak_flops(device_caps(device), dtype_name(COMPUTE_DTYPE))
 
     # a few random (B, T+1) token buffers, cycled; inputs/targets are shifted views as in the data loader
     bufs = [torch.randint(0, args.vocab_size, (B, T + 1), device=device) for _ in range(4)]

@@ -15,7 +15,7 @@ import uuid
 import torch
 import torch.distributed as dist
 
-from nanochat.hardware import get_peak_flops  # noqa: F401  (re-exported for stages)
+from nanochat import rundir
 
 # -----------------------------------------------------------------------------
 # Paths
@@ -23,7 +23,7 @@ from nanochat.hardware import get_peak_flops  # noqa: F401  (re-exported for sta
 
 def get_base_dir():
     """$NANORUN_HOME or ~/.cache/nanorun; created on first use."""
-    base = os.environ.get("NANORUN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "nanorun")
+    base = rundir.home()
     os.makedirs(base, exist_ok=True)
     return base
 
@@ -239,6 +239,59 @@ def synchronize(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def device_caps(device, ddp=False):
+    """The capability record of the device this process computes on (nanochat.hardware), with the CPU's measured
+    matmul peaks (cached per machine by nanochat.probe). Under DDP rank 0 measures and broadcasts, so ranks that
+    share a CPU never time each other's matmuls."""
+    from nanochat import probe
+    caps = None
+    if not ddp or dist.get_rank() == 0:
+        if device.type == "cuda":
+            props = torch.cuda.get_device_properties(device)
+            caps = {"device_type": "cuda", "name": props.name, "compute_capability": [props.major, props.minor],
+                    "memory_bytes": props.total_memory, "matmul_flops": {}, "source": "probed",
+                    "compute_units": getattr(props, "multi_processor_count", None)}
+        else:
+            caps = probe.local_caps(device.type, measure=False)
+            if device.type == "cpu" and caps.get("source") != "injected":
+                dtypes = probe.cpu_dtypes_to_measure(caps, dtype_name(COMPUTE_DTYPE))
+                caps["matmul_flops"] = probe.measured_peaks(caps, dtypes)
+    if ddp:
+        box = [caps]
+        dist.broadcast_object_list(box, src=0)
+        caps = box[0]
+    return caps
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def describe_compute_dtype(caps):
+    """(reason, warning) for the dtype this process computes in: what `auto` decides on this device and whether
+    the dtype in force is pathologically slow here. Logged at the start of every training stage."""
+    from nanochat.hardware import resolve_dtype
+    name = dtype_name(COMPUTE_DTYPE)
+    auto = resolve_dtype("auto", caps)
+    explicit = resolve_dtype(name, caps)
+    if auto["dtype"] == name:
+        return auto["reason"], explicit["warning"]
+    return f"set explicitly; auto would pick {auto['dtype']} ({auto['reason']})", explicit["warning"]
+
+
+def log_device(events, device, ddp=False):
+    """Print and record (an events.jsonl "device" line) the compute dtype in force and why, with the device's
+    capability record; warn when the dtype is pathologically slow here. Returns (caps, dtype_reason)."""
+    caps = device_caps(device, ddp)
+    reason, warning = describe_compute_dtype(caps)
+    print0(f"compute dtype {dtype_name(COMPUTE_DTYPE)} ({reason}) on {device.type} {caps.get('name') or ''}".rstrip())
+    if warning:
+        print0(f"warning: {warning}")
+    events.log("log", message="device", compute_dtype=dtype_name(COMPUTE_DTYPE), dtype_reason=reason,
+               dtype_warning=warning, device_name=caps.get("name"), matmul_flops=caps.get("matmul_flops"))
+    return caps, reason
 
 
 def peak_memory_mib(device):

@@ -7,6 +7,7 @@ The `nanorun` command line. Each command is a thin shell over a library function
     nanorun apply specs/cpu_demo.yaml --yes
     nanorun runs | show RUN | leaderboard | query "select ..." | registry rebuild
     nanorun tui
+    nanorun doctor [--json]
 """
 
 import sys
@@ -39,6 +40,7 @@ def _register():
     from runners import cli_chat  # noqa: F401
     from runners import cli_data, cli_eval  # noqa: F401
     from runners import cli_serve  # noqa: F401
+    from runners import cli_doctor  # noqa: F401
 
 
 _register()

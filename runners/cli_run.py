@@ -43,6 +43,31 @@ def plan_report(plan, home=None):
     return out
 
 
+def render_hardware(hw):
+    """The device lines of `plan`: what the spec's `auto` fields resolved to on which device, and why."""
+    if not hw:
+        return []
+    dev, dt = hw["device"], hw["dtype"]
+    if dev.get("device_type") == "cpu":
+        mem = f", {dev['memory_bytes'] / 2**30:.1f} GiB" if dev.get("memory_bytes") else ""
+        what = f"cpu {dev.get('name')} ({dev.get('cores')} cores{mem}; flags {' '.join(dev.get('flags') or []) or '-'})"
+    else:
+        cc = dev.get("compute_capability")
+        mem = f", {dev['memory_bytes'] / 2**30:.0f} GiB" if dev.get("memory_bytes") else ""
+        what = (f"{dev.get('device_type')} {dev.get('name')} ({'sm_%d%d' % tuple(cc) if cc else 'compute capability unknown'}"
+                f"{mem}; {'this machine' if dev.get('source') == 'probed' else 'from the tables, not this machine'})")
+    lines = ["", f"device   {what}"]
+    peaks = dev.get("matmul_flops") or {}
+    if peaks:
+        lines.append("         measured matmul " + ", ".join(f"{k} {v / 1e9:,.0f}" for k, v in peaks.items()) + " GFLOP/s")
+    lines.append(f"dtype    {dt['dtype']} ({dt['reason']})")
+    if dt.get("warning"):
+        lines.append(f"         warning: {dt['warning']}")
+    lines.append(f"mfu      peak {hw['peak_flops']:.3g} FLOP/s per device ({hw['peak_source']})" if hw.get("peak_flops")
+                 else f"mfu      no peak known ({hw.get('peak_source')}): MFU reads 0")
+    return lines
+
+
 def render_plan(report):
     lines = [f"run {report['run_id']}  (spec {report['spec_name']}, hash {report['spec_hash'][:12]})"]
     d = report["derived"]
@@ -66,6 +91,7 @@ def render_plan(report):
             f"(batch_lr_scale={d['batch_lr_scale']:.4g}, AdamW dmodel_lr_scale={d['dmodel_lr_scale']:.4g}) "
             f"weight_decay={d['weight_decay_scaled']:.4g}",
         ]
+    lines += render_hardware(report.get("hardware") or {})
     lines += ["", f"{'stage':<11} {'state':<8} {'procs':<6} {'key':<9} {'estimate':<22} dir"]
     for s in report["stages"]:
         est = s["estimate"]
@@ -108,14 +134,18 @@ def plan(spec_path, as_json, detailed_exitcode):
 
     Example: nanorun plan specs/speedrun_d26.yaml --json
     """
-    from runners.execute import check_local_data
+    from runners.execute import check_device, check_local_data
     from runners.plan import make_plan
     plan_ = make_plan(_load(spec_path))
-    try:
-        check_local_data(plan_, spec_path)
-    except SpecError as e:  # the spec may be meant for another machine: plan still shows it
-        for p in e.problems:
-            click.echo(f"warning: {p} (apply will refuse to start)", err=True)
+    for check in (check_device, check_local_data):
+        try:
+            check(plan_, spec_path)
+        except SpecError as e:  # the spec may be meant for another machine: plan still shows it
+            for p in e.problems:
+                click.echo(f"warning: {p} (apply will refuse to start)", err=True)
+    warning = plan_.hardware["dtype"].get("warning")
+    if warning:
+        click.echo(f"warning: train.dtype: {warning}", err=True)
     report = plan_report(plan_)
     click.echo(json.dumps(report, indent=2) if as_json else render_plan(report))
     if detailed_exitcode and any(s["state"] != "done" for s in report["stages"]):
@@ -143,9 +173,10 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
 
     Example: nanorun apply specs/cpu_demo.yaml --yes
     """
-    from runners.execute import apply_plan, check_local_data, run_dir
+    from runners.execute import apply_plan, check_device, check_local_data, run_dir
     from runners.plan import make_plan
     plan_ = make_plan(_load(spec_path))
+    check_device(plan_, spec_path)      # a CUDA spec on a machine without a GPU fails here, before anything runs
     check_local_data(plan_, spec_path)  # a missing data folder fails here, before anything runs
     report = plan_report(plan_)
     click.echo(render_plan(report))

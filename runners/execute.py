@@ -307,6 +307,19 @@ def check_local_data(plan, spec_path=None, home=None):
         raise SpecError(problems)
 
 
+def check_device(plan, spec_path=None):
+    """Pre-flight: the spec's device exists on this machine (a CUDA spec on a machine without a GPU fails here in
+    one line, not inside torchrun). `plan` still resolves such a spec from the tables, for another machine."""
+    device = (plan.hardware or {}).get("device") or {}
+    if device.get("device_type") != "cpu" and device.get("source") == "table":
+        hw = plan.spec.hardware
+        field = "device_type" if hw.device_type else "gpu"
+        where = _position(spec_path, ["hardware", field]) if spec_path else plan.spec.name
+        value = hw.device_type or hw.gpu
+        raise SpecError([f"{where}: hardware.{field}: {value!r} needs a CUDA GPU and this machine has none "
+                         f"(nvidia-smi lists no GPU); use gpu: cpu here, or apply the spec on a GPU node"])
+
+
 def _interrupt_on_sigterm():
     """SIGTERM (a scheduler, `kill`) ends an apply like Ctrl-C does: recorded as interrupted, nothing lost.
     Returns the previous handler, or None when not on the main thread (signals cannot be set there)."""

@@ -15,8 +15,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from nanochat import scaling
-from nanochat.hardware import get_peak_flops
+from nanochat import probe, rundir, scaling
+from nanochat.hardware import get_peak_flops, mfu_peak_flops, resolve_dtype
 from specs import spec_hash, stage_names, stage_options
 from specs import vocab_size as spec_vocab_size
 from specs.errors import SpecError
@@ -31,12 +31,13 @@ MULTI_PROCESS_STAGES = {"base_train", "base_eval", "sft", "rl", "chat_eval"}
 
 # Planning assumptions for the time estimate (the real figures come from the run and land in the registry).
 ASSUMED_GPU_MFU = 0.45        # reference: ~41% at d12, ~59% at d24 on 8xH100
-# achieved training FLOP/s per CPU node, measured on the 2-core dev machine at d4/seq 512 (bench/RESULTS.md)
-ASSUMED_CPU_FLOPS = {"float32": 7.5e10, "bfloat16": 1.8e11}
+# achieved / measured matmul peak on CPU: 0.52-0.69 at d4/seq 512 on the 2-core dev machines (bench/RESULTS.md)
+ASSUMED_CPU_MFU = 0.5
+ASSUMED_CPU_FLOPS = 7.5e10    # when no peak could be measured: the fp32 rate of a 2-core machine
 
 
 def get_home():
-    return os.environ.get("NANORUN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "nanorun")
+    return rundir.home()
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Plan:
     spec_hash: str
     stages: list
     derived: dict
+    hardware: dict = field(default_factory=dict)   # {"device": capability record, "dtype": resolve_dtype(...)}
 
     def stage(self, name):
         for s in self.stages:
@@ -76,7 +78,7 @@ class Plan:
     def to_json(self):
         return {
             "run_id": self.run_id, "spec_name": self.spec.name, "spec_hash": self.spec_hash,
-            "derived": self.derived,
+            "derived": self.derived, "hardware": self.hardware,
             "stages": [{"stage": s.name, "key": s.key, "dir_name": s.dir_name, "upstream": list(s.upstream),
                         "nproc_per_node": s.nproc_per_node, "nnodes": s.nnodes, "params": s.params, "env": s.env,
                         "estimate": s.estimate} for s in self.stages],
@@ -114,7 +116,29 @@ def _device_type(spec):
     return "cpu" if hw.gpu.lower() == "cpu" else "cuda"
 
 
-def _stage_params(spec, name, derived):
+def device_caps(spec):
+    """The capability record `auto` resolves against: this machine's device when it has the spec's kind (probed,
+    matmul peaks measured once and cached), else the spec's GPU from the tables (planning for another machine)."""
+    kind = _device_type(spec)
+    if kind == "cuda":
+        local = probe.local_caps("cuda")
+        return local if local else probe.table_record(spec.hardware.gpu)
+    try:
+        caps = probe.local_caps(kind, requested=spec.train.dtype)
+    except (RuntimeError, OSError, ValueError) as e:   # no torch, a broken install: resolve without measurements
+        caps = {**probe.local_caps(kind, measure=False), "measure_error": str(e)}
+    return caps
+
+
+def resolve_hardware(spec, caps):
+    """What the spec's `auto` fields become on the device `caps` describes, and why."""
+    dtype = resolve_dtype(spec.train.dtype, caps)
+    peak, peak_source = mfu_peak_flops(caps, dtype["dtype"])
+    return {"device": caps, "dtype": dtype, "peak_flops": peak if peak != float("inf") else None,
+            "peak_source": peak_source}
+
+
+def _stage_params(spec, name, derived, dtype):
     """The resolved config of one stage, keyed by the stage's argparse dest names."""
     opts = _dump(stage_options(spec, name) or {})
     device_type = _device_type(spec)
@@ -127,7 +151,7 @@ def _stage_params(spec, name, derived):
     if name == "base_train":
         m, t = _dump(spec.model), _dump(spec.train)
         run = t.pop("wandb_run", None)
-        dtype = t.pop("dtype", None)
+        t.pop("dtype", None)
         compile_ = t.pop("compile", None)
         if t.get("compile_optimizer") is None:  # left to base_train's default (and out of the content key)
             t.pop("compile_optimizer", None)
@@ -163,13 +187,13 @@ def _derive(spec):
         raise SpecError(f"{spec.name}: train: {e}") from None
 
 
-def _estimate(spec, name, derived):
+def _estimate(spec, name, derived, hardware):
     hw = spec.hardware
     if name != "base_train":
         return {}
     flops = derived["total_flops"]
     if _device_type(spec) == "cpu":
-        rate = ASSUMED_CPU_FLOPS.get(spec.train.dtype or "float32", ASSUMED_CPU_FLOPS["float32"]) * hw.nodes
+        rate = (hardware.get("peak_flops") or ASSUMED_CPU_FLOPS / ASSUMED_CPU_MFU) * ASSUMED_CPU_MFU * hw.nodes
     else:
         rate = get_peak_flops(hw.gpu) * ASSUMED_GPU_MFU * hw.nodes * hw.gpus_per_node
     seconds = flops / rate if rate != float("inf") else 0.0
@@ -177,26 +201,30 @@ def _estimate(spec, name, derived):
     return {"flops": flops, "seconds": seconds, "usd": usd}
 
 
-def make_plan(spec):
+def make_plan(spec, caps=None):
+    """Resolve `spec`; `caps` (a capability record, see nanochat.hardware) replaces probing this machine."""
     names = list(stage_names(spec))
     derived = _derive(spec) if "base_train" in names else {}
+    hardware = resolve_hardware(spec, caps if caps is not None else device_caps(spec))
+    dtype = hardware["dtype"]["dtype"]
     keys, stages = {}, []
     for name in names:
-        params = _stage_params(spec, name, derived)
+        params = _stage_params(spec, name, derived, dtype)
         upstream = tuple(u for u in STAGE_UPSTREAM[name] if u in keys)
         if name == "chat_eval":  # evaluate the model its `source` option names (sft or rl), not both
             source = params.get("source", "rl" if "rl" in keys else "sft")
             upstream = tuple(u for u in upstream if u not in ("sft", "rl") or u == source)
         # the compute dtype applies to every torch stage (the model trained in bf16 is evaluated in bf16)
-        env = {"NANOCHAT_DTYPE": spec.train.dtype} if spec.train.dtype and name in MULTI_PROCESS_STAGES else {}
+        env = {"NANOCHAT_DTYPE": dtype} if name in MULTI_PROCESS_STAGES else {}
         key = stage_key(name, params, [keys[u] for u in upstream], env)
         keys[name] = key
         nproc, nnodes = _world(spec, name)
         stages.append(StagePlan(name=name, module=f"nanochat.stages.{name}", params=params, upstream=upstream,
-                                key=key, nproc_per_node=nproc, nnodes=nnodes, estimate=_estimate(spec, name, derived),
+                                key=key, nproc_per_node=nproc, nnodes=nnodes, estimate=_estimate(spec, name, derived, hardware),
                                 env=env))
     h = spec_hash(spec)
-    return Plan(spec=spec, run_id=f"{spec.name}-{h[:8]}", spec_hash=h, stages=stages, derived=derived)
+    return Plan(spec=spec, run_id=f"{spec.name}-{h[:8]}", spec_hash=h, stages=stages, derived=derived,
+                hardware=hardware)
 
 
 def stage_available(stage):

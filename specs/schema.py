@@ -56,7 +56,7 @@ class HardwareSpec(_Model):
     """Where it runs. For a CPU run: gpu "cpu", device_type "cpu", gpus_per_node = processes on the node."""
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
-    gpu: str = Field("H100-SXM", min_length=1)   # a name nanochat.common.get_peak_flops knows, or "cpu"
+    gpu: str = Field("H100-SXM", min_length=1)   # a name nanochat.hardware.get_peak_flops knows, or "cpu"
     usd_per_gpu_hour: float = Field(0.0, ge=0)   # for the $ estimate in plan and the leaderboard
     device_type: Literal["", "cuda", "cpu", "mps"] = ""   # "" = autodetect on the node
 
@@ -178,7 +178,8 @@ class TrainSpec(_Model):
     fp8_recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
     compile: Optional[bool] = None                # None = on for CUDA, off elsewhere
     compile_optimizer: Optional[bool] = None      # None = with compile, and on CPU for runs of >= 500 steps
-    dtype: Optional[Literal["bfloat16", "float16", "float32"]] = None   # None = nanochat's default
+    # auto = what the device does natively (nanochat.hardware.resolve_dtype; `nanorun plan` shows the choice and why)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     wandb_run: Optional[str] = None               # None = wandb off (the reference's --run dummy)
 
     _check_off_or_positive = field_validator(

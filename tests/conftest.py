@@ -213,3 +213,23 @@ def tiny_checkpoint(tiny_tokenizer_dir, tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("tiny_ckpt") / "checkpoints")
     save_checkpoint(directory, 5, model.state_dict(), None, {"model_config": vars(config)})
     return directory
+
+
+# -----------------------------------------------------------------------------
+# The capability record every test runs against (nanochat.probe reads NANORUN_CAPS instead of this machine): an
+# AVX2-only 2-core CPU with fixed matmul peaks, so no test depends on the host CPU and no test measures matmuls.
+# Tests of the probe itself delete NANORUN_CAPS with monkeypatch.
+
+TEST_CPU_CAPS = {"device_type": "cpu", "name": "Test CPU (AVX2 only)", "arch": "x86_64", "flags": ["avx2", "fma"],
+                 "cores": 2, "memory_bytes": 24 * 2 ** 30, "compute_capability": None,
+                 "matmul_flops": {"float32": 1.2e11, "bfloat16": 1.0e9}}
+
+
+@pytest.fixture(autouse=True, scope="session")
+def pinned_capabilities(tmp_path_factory):
+    path = tmp_path_factory.mktemp("caps") / "caps.json"
+    path.write_text(json.dumps({"cpu": TEST_CPU_CAPS}))
+    mp = pytest.MonkeyPatch()
+    mp.setenv("NANORUN_CAPS", str(path))
+    yield str(path)
+    mp.undo()

@@ -124,6 +124,12 @@ def test_train_events_result_checkpoints_and_exact_resume(corpus, tmp_path):
     assert m["peak_memory_mib"] >= last["train/peak_mem_mib"]
     assert -1.0 <= m["core_metric"] <= 1.0
     assert math.isfinite(m["mfu"]) and m["total_flops"] == m["flops_per_token"] * 256 * 6
+    # the pinned test CPU (conftest: AVX2 only, fp32 peak 1.2e11): auto would pick fp32 and MFU divides by that peak
+    assert m["compute_dtype"] == "float32" and m["dtype_reason"].startswith("auto: CPU has no native bf16")
+    assert m["peak_flops"] == 1.2e11 and "measured float32 matmul peak 120.0 GFLOP/s" in m["peak_source"]
+    device = [e for e in events if e.get("message") == "device"][0]
+    assert device["compute_dtype"] == "float32" and device["dtype_warning"] is None
+    assert "compute dtype float32 (auto: CPU has no native bf16" in proc.stdout
     ckpt = out / "checkpoints"
     assert {f for f in os.listdir(ckpt) if f.startswith("meta")} == {"meta_000003.json", "meta_000006.json"}
 

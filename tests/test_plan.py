@@ -38,7 +38,7 @@ def test_speedrun_plan_matches_the_reference(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["plan", os.path.join(ROOT, "specs", "speedrun_d26.yaml"), "--json"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    d = json.loads(result.output)["derived"]
+    d = json.loads(result.stdout)["derived"]
     # reference/nanochat.md 2.1 and 2.9: d26 -> C=1664, 13 heads; B auto = 2^20; 8 GPUs x dbs 16 x 2048 -> accum 4
     assert (d["n_layer"], d["n_embd"], d["n_head"]) == (26, 1664, 13)
     assert d["total_batch_size"] == 2**20 and d["grad_accum_steps"] == 4

@@ -200,7 +200,9 @@ def test_sft_end_to_end(tmp_path, base_checkpoint, tiny_tokenizer_dir):
     m = result["metrics"]
     assert result["stage"] == "sft" and m["num_iterations"] == 30
     assert m["conversations"] > 200 and m["supervised_tokens"] > 0
+    assert m["compute_dtype"] == "float32" and m["dtype_reason"].startswith("auto: CPU has no native bf16")
     events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [e["compute_dtype"] for e in events if e.get("message") == "device"] == ["float32"]
     train = [e["values"] for e in events if e["kind"] == "metric" and "train/loss" in e["values"]]
     val = [e["values"] for e in events if e["kind"] == "metric" and "val/loss" in e["values"]]
     assert len(train) == 30 and len(val) == 4

@@ -177,7 +177,7 @@ def test_hardware_and_train_rules():
                                "f") == ["f:7:72: train.target_param_data_ratio: no training horizon: set "
                                         "num_iterations, target_flops or target_param_data_ratio"]
     assert specs.validate_text(MINIMAL + "train: {dtype: bf16}\n", "f") == \
-        ["f:7:16: train.dtype: must be one of 'bfloat16', 'float16', 'float32' (got 'bf16') (did you mean 'bfloat16'?)"]
+        ["f:7:16: train.dtype: must be one of 'auto', 'bfloat16', 'float16', 'float32' (got 'bf16') (did you mean 'bfloat16'?)"]
 
 
 def test_implied_data_stage_and_defaults():

@@ -26,6 +26,8 @@ import math
 import os
 import time
 
+from nanochat.hardware import COMPILE_OPTIMIZER_MIN_STEPS  # torch-free (`nanorun doctor` reads it too)
+
 SAMPLE_PROMPTS = [
     "The capital of France is",
     "The chemical symbol of gold is",
@@ -37,12 +39,6 @@ SAMPLE_PROMPTS = [
 ]
 # keys the runner writes into config.json that are informative only
 INFORMATIVE_CONFIG_KEYS = {"vocab_size"}
-
-
-# On CPU the compiled optimizer step saves 0.1-0.45 s per step at vocab 32768 (AdamW over the embedding tables)
-# but only ~2-8% of a step at the demo's vocab 4096, and its first compile costs ~40 s with a cold inductor cache
-# (bench/RESULTS.md): on by default only for runs at least this long
-COMPILE_OPTIMIZER_MIN_STEPS = 500
 
 
 def build_parser():
@@ -148,26 +144,6 @@ def default_compile_optimizer(use_compile, device, num_iterations):
     return True, f"CPU run of {num_iterations} steps"
 
 
-def measure_matmul_flops(device, dtype, n=1024, reps=10):
-    """Peak-ish matmul FLOP/s of this device (used as the MFU denominator where no table entry exists): the best
-    of `reps` timed (n, n) @ (n, n) products into a preallocated output, after one untimed warmup."""
-    import torch
-
-    from nanochat.common import synchronize
-    device = torch.device(device)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.mm(a, b)
-    best = float("inf")
-    for _ in range(reps):
-        synchronize(device)
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -225,8 +201,9 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     from nanochat.attention import BACKEND
     from nanochat.checkpoint import (find_last_step, list_steps, load_checkpoint, remove_partial_files,
                                      save_checkpoint)
-    from nanochat.common import (COMPUTE_DTYPE, get_base_dir, get_peak_flops, peak_memory_mib, print0, synchronize,
-                                 write_result)
+    from nanochat.common import (COMPUTE_DTYPE, dtype_name, get_base_dir, log_device, peak_memory_mib, print0,
+                                 synchronize, write_result)
+    from nanochat.hardware import mfu_peak_flops
     from nanochat.dataloader import DataLoader
     from nanochat.engine import Engine
     from nanochat.fp8 import convert_to_fp8, fp8_disabled
@@ -331,11 +308,13 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
                                 device=device, state=st) for v, st in zip(virtual_ranks, loader_states)]
     eval_steps = max(1, args.eval_tokens // (dbs * T * world_size))
 
-    if device.type == "cuda":
-        peak_flops = get_peak_flops(torch.cuda.get_device_name(device))
-    else:
-        peak_flops = measure_matmul_flops(device, COMPUTE_DTYPE)  # no table for CPUs: measure
-    print0(f"MFU denominator: {peak_flops:.3e} FLOP/s per device")
+    # MFU denominator: a GPU's table peak, a CPU's measured matmul peak (shared by the processes on it)
+    caps, dtype_reason = log_device(events, device, ddp)
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if device.type == "cpu" else 1
+    peak_flops, peak_source = mfu_peak_flops(caps, dtype_name(COMPUTE_DTYPE), local_procs)
+    print0(f"MFU denominator: {peak_flops:.3e} FLOP/s per device ({peak_source})")
+    events.log("log", message="mfu", peak_flops=peak_flops if peak_flops != float("inf") else None,
+               peak_source=peak_source)
 
     bundle_dir = args.core_bundle_dir or os.path.join(get_base_dir(), "eval_bundle")
     try:
@@ -494,6 +473,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         "tok_per_sec": tok_per_sec_sum / timed_steps if timed_steps else tok_per_sec, "mfu": mfu,
         "params_total": counts["total"], "scaling_params": r["scaling_params"], "depth": args.depth,
         "world_size": world_size, "attention_backend": BACKEND, "peak_memory_mib": peak_mem,
+        "compute_dtype": dtype_name(COMPUTE_DTYPE), "dtype_reason": dtype_reason,
+        "peak_flops": peak_flops if peak_flops != float("inf") else None, "peak_source": peak_source,
     }
     if core_metric is not None:
         metrics["core_metric"] = core_metric

@@ -177,12 +177,13 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     import torch
 
     from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, load_model, save_checkpoint
-    from nanochat.common import COMPUTE_DTYPE, get_base_dir, print0, write_result
+    from nanochat.common import COMPUTE_DTYPE, dtype_name, get_base_dir, log_device, print0, write_result
     from nanochat.optim import step_with_scaler
     from nanochat.sft_data import pack_rows, rows_to_batch
     from nanochat.tokenizer import Tokenizer
 
     torch.manual_seed(args.seed)
+    _, dtype_reason = log_device(events, device, ddp)
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
     step0 = find_last_step(args.checkpoint_dir) if args.model_step is None else args.model_step
     model, base_meta = load_model(args.checkpoint_dir, step0, device)
@@ -314,7 +315,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     save(N)
     metrics = {"train_loss": train_loss, "val_loss": val_loss, "num_iterations": N,
                "conversations": len(train_convs), "supervised_tokens": supervised_total,
-               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume}
+               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume,
+               "compute_dtype": dtype_name(COMPUTE_DTYPE), "dtype_reason": dtype_reason}
     if rank == 0:
         events.log("status", status="done")
         write_result(out_dir, "sft", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": N})
