@@ -4,7 +4,7 @@ matter, cores, memory, GPUs (through nvidia-smi), and measured dense matmul peak
 
 Everything but the measurement is torch-free and fast, so `nanorun plan` and `nanorun doctor` can call it. A
 measurement imports torch (in a subprocess when the caller has not imported it) and is cached per machine in
-$NANORUN_HOME/hardware/, keyed by the CPU, its flags, the core count and the torch version.
+$NANORUN_HOME/hardware/, keyed by the CPU, its flags, the core count, the torch version and OMP_NUM_THREADS.
 
     python -m nanochat.probe                         # the record of this machine, measured, as JSON
     python -m nanochat.probe --measure cpu float32   # measure one device's peaks (what the subprocess runs)
@@ -141,8 +141,9 @@ def _torch_version():
 
 
 def fingerprint(record):
+    # OMP_NUM_THREADS: a peak timed with fewer threads than cores is another machine's peak
     blob = json.dumps([record.get("device_type"), record.get("name"), record.get("flags"), record.get("cores"),
-                       _torch_version()], sort_keys=True)
+                       _torch_version(), os.environ.get("OMP_NUM_THREADS")], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -274,6 +275,8 @@ def local_caps(device_type, requested=None, measure=True, home=None):
         record = dict(gpus[0], device_count=len(gpus))
         return record
     if device_type == "mps":
+        if sys.platform != "darwin" or platform.machine() != "arm64":
+            return None
         return {"device_type": "mps", "name": cpu_record()["name"], "compute_capability": None,
                 "memory_bytes": memory_bytes(), "matmul_flops": {}, "source": "probed"}
     return None

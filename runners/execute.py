@@ -316,6 +316,9 @@ def check_device(plan, spec_path=None):
         field = "device_type" if hw.device_type else "gpu"
         where = _position(spec_path, ["hardware", field]) if spec_path else plan.spec.name
         value = hw.device_type or hw.gpu
+        if device["device_type"] == "mps":
+            raise SpecError([f"{where}: hardware.{field}: 'mps' needs an Apple-silicon Mac and this machine is not "
+                             f"one; use device_type: cpu here"])
         raise SpecError([f"{where}: hardware.{field}: {value!r} needs a CUDA GPU and this machine has none "
                          f"(nvidia-smi lists no GPU); use gpu: cpu here, or apply the spec on a GPU node"])
 

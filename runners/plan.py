@@ -123,6 +123,9 @@ def device_caps(spec):
     if kind == "cuda":
         local = probe.local_caps("cuda")
         return local if local else probe.table_record(spec.hardware.gpu)
+    if kind == "mps":
+        return probe.local_caps("mps") or {"device_type": "mps", "name": "Apple GPU (MPS)", "matmul_flops": {},
+                                           "compute_capability": None, "memory_bytes": None, "source": "table"}
     try:
         caps = probe.local_caps(kind, requested=spec.train.dtype)
     except (RuntimeError, OSError, ValueError) as e:   # no torch, a broken install: resolve without measurements

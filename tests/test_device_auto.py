@@ -249,3 +249,26 @@ def test_plan_measures_in_a_subprocess_and_stays_torch_free(tmp_path):
     assert out.returncode == 0, out.stderr
     dtype, measured = out.stdout.split(" ", 1)
     assert dtype in ("float32", "bfloat16") and "float32" in measured
+
+
+def test_fingerprint_separates_thread_counts(monkeypatch):
+    record = {"device_type": "cpu", "name": "X", "flags": ["avx2"], "cores": 2}
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    full = probe.fingerprint(record)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert probe.fingerprint(record) != full
+    assert probe.fingerprint({**record, "flags": ["avx2", "avx512_bf16"]}) != probe.fingerprint(record)
+
+
+def test_apply_refuses_mps_off_a_mac(nanorun_home, tmp_path):
+    if sys.platform == "darwin":
+        pytest.skip("this machine may have MPS")
+    spec = tmp_path / "mps.yaml"
+    spec.write_text("name: mps_here\nhardware:\n  gpu: M2\n  device_type: mps\nmodel: {depth: 4}\n"
+                    "tokenizer: {vocab_size: 512}\ndata:\n  train:\n    - {source: demo}\n")
+    plan = CliRunner().invoke(main, ["plan", str(spec)])
+    assert plan.exit_code == 0 and "dtype    float32 (auto: MPS" in plan.stdout
+    out = CliRunner().invoke(main, ["apply", str(spec), "--yes"])
+    assert out.exit_code == 2 and out.output.strip().splitlines()[-1] == (
+        f"error: {spec}:4:16: hardware.device_type: 'mps' needs an Apple-silicon Mac and this machine is not one; "
+        "use device_type: cpu here")
