@@ -166,12 +166,17 @@ def leaderboard(home=None, qualified_only=False):
 
 
 def query(sql, home=None, params=None):
-    """Run any SQL on a read-only connection; returns (column names, rows as tuples).
-    SQL that DuckDB rejects raises QueryError with DuckDB's message."""
+    """Run SQL on a read-only connection with DuckDB's file system access switched off and the settings locked
+    (no COPY ... TO, read_csv, ATTACH or extension installs: the query sees the registry and nothing else).
+    Returns (column names, rows as tuples); empty or rejected SQL raises QueryError with DuckDB's message."""
+    if not sql.strip().strip(";").strip():
+        raise QueryError("empty SQL: give a query, e.g. \"select name, val_bpb from run_summary\"")
     with reader(home) as con:
         try:
+            con.execute("SET enable_external_access = false")
+            con.execute("SET lock_configuration = true")
             cursor = con.execute(sql, params or [])
-            if cursor.description is None:
+            if cursor is None or cursor.description is None:
                 return [], []
             return [d[0] for d in cursor.description], cursor.fetchall()
         except duckdb.Error as e:

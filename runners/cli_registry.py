@@ -15,8 +15,10 @@ terminal, or 100 columns): long cells and samples are cut there, never in --json
 
 import csv
 import datetime
+import decimal
 import io
 import json
+import math
 import os
 import shutil
 import textwrap
@@ -34,8 +36,21 @@ def _sync():
         pass  # someone else is writing (or reading); show what the database has
 
 
+def _finite(obj):
+    """NaN and +-Infinity (valid DOUBLEs in DuckDB, not valid JSON) become null; DECIMALs become numbers."""
+    if isinstance(obj, decimal.Decimal):
+        obj = float(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _echo_json(obj):
-    click.echo(json.dumps(obj, indent=2, default=str))
+    click.echo(json.dumps(_finite(obj), indent=2, default=str, allow_nan=False))
 
 
 # -----------------------------------------------------------------------------
@@ -189,7 +204,7 @@ def format_run(detail, width=100):
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-@click.option("--limit", "-n", type=int, default=None, help="Show only the newest N runs.")
+@click.option("--limit", "-n", type=click.IntRange(min=1), default=None, help="Show only the newest N runs.")
 def runs(as_json, limit):
     """List runs, newest first, with status, val_bpb, CORE, training time (timed steps, as the reference counts
     them), the base_train stage's wall time and cost ("-" without a $/GPU-hour price).
@@ -215,7 +230,8 @@ def runs(as_json, limit):
 @main.command()
 @click.argument("run")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-@click.option("--samples", "num_samples", type=int, default=3, show_default=True, help="Last samples to show.")
+@click.option("--samples", "num_samples", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Last samples to show.")
 def show(run, as_json, num_samples):
     """Show one run: summary, stages, final metrics, CORE per task and the last samples.
     RUN is a run id, a unique prefix of one, or a spec name (its newest run).

@@ -84,6 +84,31 @@ def test_bad_sql_exits_2_with_one_line(home):
     assert "read-only" in cli("query", "DROP TABLE runs", code=2).output
 
 
+def test_sql_is_read_only_for_real(home, tmp_path):
+    # no file system access: COPY ... TO, read_csv of any file, ATTACH; and the setting cannot be switched back
+    target = tmp_path / "x.csv"
+    for sql in (f"COPY (select 42) TO '{target}'", "select * from read_csv('/etc/hostname')",
+                f"ATTACH '{tmp_path / 'y.duckdb'}'", "SET enable_external_access = true"):
+        out = cli("query", sql, code=2).output
+        assert out.startswith("error: ") and out.count("\n") == 1, (sql, out)
+    assert not target.exists() and not (tmp_path / "y.duckdb").exists()
+
+
+def test_empty_sql_and_non_finite_json(home):
+    for sql in ("", "  ", ";", " ; ;"):
+        assert cli("query", sql, code=2).output.startswith("error: empty SQL")
+    rows = json.loads(cli("query", "select 'nan'::double as a, 'inf'::double as b, 1.5 as c", "--json").output)
+    assert rows == [{"a": None, "b": None, "c": 1.5}]
+
+
+def test_counts_must_be_sensible(home):
+    for args in (["runs", "-n", "0"], ["runs", "-n", "-1"], ["show", "speedrun-0000", "--samples", "-1"]):
+        out = cli(*args, code=2).output
+        assert "Invalid value" in out and "Traceback" not in out
+    assert len(json.loads(cli("runs", "-n", "1", "--json").output)) == 1
+    cli("show", "speedrun-0000", "--samples", "0")
+
+
 def test_registry_rebuild_and_path(home):
     path = cli("registry", "path").output.strip()
     assert path == os.path.join(home, "registry.duckdb") and not os.path.exists(path)
