@@ -170,6 +170,25 @@ def _stage_dir(home, recorded):
     return recorded
 
 
+def _check_shape(run, path):
+    """run.json must be an object whose parts have the types the runner writes; anything else is a malformed run
+    directory (skipped with a warning by a rebuild/sync), never an AttributeError deep in an ingest."""
+    def bad(what):
+        raise RegistryError(f"{path}: malformed run.json ({what})")
+    if not isinstance(run, dict):
+        bad(f"a JSON {type(run).__name__}, not an object")
+    for name, kinds in (("stages", list), ("hardware", dict), ("tags", list), ("plan", dict),
+                        ("run_id", str), ("name", str), ("status", str)):
+        if run.get(name) is not None and not isinstance(run[name], kinds):
+            bad(f"{name!r} is a {type(run[name]).__name__}, not a {kinds.__name__}")
+    for i, stage in enumerate(run.get("stages") or []):
+        if not isinstance(stage, dict):
+            bad(f"stages[{i}] is a {type(stage).__name__}, not an object")
+        for name in ("key", "stage", "dir", "status"):
+            if stage.get(name) is not None and not isinstance(stage[name], str):
+                bad(f"stages[{i}].{name} is a {type(stage[name]).__name__}, not a string")
+
+
 def read_run(run_dir, home, out, seen_keys):
     """Append one run's rows to `out` (column dicts per table). Stage keys already in `seen_keys` are not
     re-read (shared stage directories). Returns (run_id, [stage keys])."""
@@ -182,6 +201,7 @@ def read_run(run_dir, home, out, seen_keys):
         raise RegistryError(f"{path}: no run.json (not a run directory)") from None
     except ValueError as e:
         raise RegistryError(f"{path}: not valid JSON ({e})") from None
+    _check_shape(run, path)
     run_id = run.get("run_id") or os.path.basename(os.path.normpath(run_dir))
     if run_id in out["runs"]["run_id"]:
         raise RegistryError(f"{path}: run_id {run_id} is also used by another run directory (a copy?)")

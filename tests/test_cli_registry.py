@@ -189,3 +189,19 @@ def test_registry_commands_do_not_import_torch(home):
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "HEAVY []" in out.stdout
+
+
+@pytest.mark.parametrize("content", ["[]", '"text"', '{"run_id": "bad", "stages": "abc"}', '{"stages": [1, 2]}',
+                                     '{"stages": [{"key": 5}]}', '{"hardware": [1]}', '{"tags": "x"}', "{broken"])
+def test_a_malformed_run_dir_is_skipped_and_named(home, content):
+    bad = os.path.join(home, "runs", "zz-malformed")
+    os.makedirs(bad)
+    with open(os.path.join(bad, "run.json"), "w") as f:
+        f.write(content)
+    for args in (["registry", "rebuild"], ["runs"], ["leaderboard"], ["show", "speedrun-0000"],
+                 ["query", "select count(*) from runs"]):
+        result = CliRunner().invoke(main, args, catch_exceptions=False)
+        assert result.exit_code == 0, (args, result.output)
+    rebuilt = CliRunner().invoke(main, ["registry", "rebuild"], catch_exceptions=False)
+    assert f"warning: skipped {bad}/run.json: " in rebuilt.output and "rebuilt" in rebuilt.output
+    assert "speedrun-0000" in CliRunner().invoke(main, ["runs"], catch_exceptions=False).stdout
