@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import sys
 
 import click
@@ -13,6 +14,22 @@ from specs.errors import NanorunError, SpecError
 def _load(spec_path):
     import specs
     return specs.load(spec_path)
+
+
+def _make_plan(spec_path):
+    """make_plan, with a plan-time problem ('NAME: train.device_batch_size: ...') pointed at its line in the spec."""
+    from runners.execute import _position
+    from runners.plan import make_plan
+    spec = _load(spec_path)
+    try:
+        return make_plan(spec)
+    except SpecError as e:
+        located = []
+        for problem in e.problems:
+            m = re.match(rf"{re.escape(spec.name)}: ([a-z_]+(?:\.[a-z_]+)+): (.*)", problem, re.S)
+            located.append(f"{_position(spec_path, m.group(1).split('.'))}: {m.group(1)}: {m.group(2)}" if m
+                           else problem)
+        raise SpecError(located) from None
 
 
 def _fmt_num(x):
@@ -68,6 +85,15 @@ def render_hardware(hw):
     return lines
 
 
+def _fmt_memory(m):
+    """'1.1/23.5 GiB' (estimate / capacity per device), '!' when over the margin, '-' for stages without one."""
+    if not m:
+        return "-"
+    cap = m.get("device_capacity_bytes")
+    text = f"{m['per_device_bytes'] / 2**30:.1f}/{cap / 2**30:.0f} GiB" if cap else f"{m['per_device_bytes'] / 2**30:.1f} GiB"
+    return text + (" !" if m.get("fits") is False else "")
+
+
 def render_plan(report):
     lines = [f"run {report['run_id']}  (spec {report['spec_name']}, hash {report['spec_hash'][:12]})"]
     d = report["derived"]
@@ -85,19 +111,28 @@ def render_plan(report):
             f"num_iterations={_fmt_num(d['num_iterations'])} total_tokens={_fmt_num(d['total_tokens'])} "
             f"(tokens/param {d['tokens_per_param']:.2f})",
             f"batch    total_batch_size={_fmt_num(d['total_batch_size'])} device_batch_size={d['device_batch_size']} "
-            f"world_size={d['world_size']} grad_accum_steps={d['grad_accum_steps']}",
+            f"world_size={d['world_size']} grad_accum_steps={d['grad_accum_steps']}"
+            + (f" (device_batch_size {d['device_batch_size_reason']})" if d.get("device_batch_size_reason") else ""),
             f"optim    matrix_lr={d['matrix_lr']:.4g} embedding_lr={d['embedding_lr']:.4g} "
             f"unembedding_lr={d['unembedding_lr']:.4g} scalar_lr={d['scalar_lr']:.4g} "
             f"(batch_lr_scale={d['batch_lr_scale']:.4g}, AdamW dmodel_lr_scale={d['dmodel_lr_scale']:.4g}) "
             f"weight_decay={d['weight_decay_scaled']:.4g}",
         ]
     lines += render_hardware(report.get("hardware") or {})
-    lines += ["", f"{'stage':<11} {'state':<8} {'procs':<6} {'key':<9} {'estimate':<22} dir"]
+    lines += ["", f"{'stage':<11} {'state':<8} {'procs':<6} {'key':<9} {'estimate':<22} {'memory/device':<16} dir"]
+    tight = []
     for s in report["stages"]:
         est = s["estimate"]
         est_s = f"{est['flops']:.3g} FLOPs, {_fmt_seconds(est['seconds'])}" if est else "-"
         procs = f"{s['nnodes']}x{s['nproc_per_node']}"
-        lines.append(f"{s['stage']:<11} {s['state']:<8} {procs:<6} {s['key'][:8]:<9} {est_s:<22} {s['dir']}")
+        mem = _fmt_memory(s.get("memory"))
+        if (s.get("memory") or {}).get("fits") is False:
+            tight.append(s["stage"])
+        lines.append(f"{s['stage']:<11} {s['state']:<8} {procs:<6} {s['key'][:8]:<9} {est_s:<22} {mem:<16} {s['dir']}")
+    for name in tight:
+        m = next(s["memory"] for s in report["stages"] if s["stage"] == name)
+        lines.append(f"warning: {name} is estimated at {m['per_device_bytes'] / 2**30:.1f} GiB per device, over "
+                     f"{m['margin']:.0%} of {m['device_capacity_bytes'] / 2**30:.1f} GiB: lower its device_batch_size")
     t = report["totals"]
     todo = [s["stage"] for s in report["stages"] if s["state"] != "done"]
     if any(s["state"] == "n/a" for s in report["stages"]):
@@ -118,6 +153,11 @@ def validate(spec_path):
     """
     import specs
     problems = specs.validate(spec_path)
+    if not problems:
+        try:
+            _make_plan(spec_path)   # what only the plan can tell: batch divisibility, a device batch that cannot fit
+        except SpecError as e:
+            problems = e.problems
     if problems:
         for p in problems:
             click.echo(p, err=True)
@@ -135,8 +175,7 @@ def plan(spec_path, as_json, detailed_exitcode):
     Example: nanorun plan specs/speedrun_d26.yaml --json
     """
     from runners.execute import check_device, check_local_data
-    from runners.plan import make_plan
-    plan_ = make_plan(_load(spec_path))
+    plan_ = _make_plan(spec_path)
     for check in (check_device, check_local_data):
         try:
             check(plan_, spec_path)
@@ -174,8 +213,7 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
     Example: nanorun apply specs/cpu_demo.yaml --yes
     """
     from runners.execute import apply_plan, check_device, check_local_data, run_dir
-    from runners.plan import make_plan
-    plan_ = make_plan(_load(spec_path))
+    plan_ = _make_plan(spec_path)
     check_device(plan_, spec_path)      # a CUDA spec on a machine without a GPU fails here, before anything runs
     check_local_data(plan_, spec_path)  # a missing data folder fails here, before anything runs
     report = plan_report(plan_)

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
-from nanochat import probe, rundir, scaling
+from nanochat import memory, probe, rundir, scaling
 from nanochat.hardware import get_peak_flops, mfu_peak_flops, resolve_dtype
 from specs import spec_hash, stage_names, stage_options
 from specs import vocab_size as spec_vocab_size
@@ -34,6 +34,8 @@ ASSUMED_GPU_MFU = 0.45        # reference: ~41% at d12, ~59% at d24 on 8xH100
 # achieved / measured matmul peak on CPU: 0.52-0.69 at d4/seq 512 on the 2-core dev machines (bench/RESULTS.md)
 ASSUMED_CPU_MFU = 0.5
 ASSUMED_CPU_FLOPS = 7.5e10    # when no peak could be measured: the fp32 rate of a 2-core machine
+MEMORY_MARGIN = 0.9           # a device batch must fit this fraction of the device's memory (estimate error, others)
+DEFAULT_DEVICE_BATCH = 32     # the reference's default, for device_batch_size auto when the memory is unknown
 
 
 def get_home():
@@ -50,6 +52,7 @@ class StagePlan:
     nproc_per_node: int
     nnodes: int
     estimate: dict = field(default_factory=dict)
+    memory: dict = field(default_factory=dict)   # peak per device vs capacity (training and eval stages)
     env: dict = field(default_factory=dict)  # environment the stage runs with (part of its key)
 
     @property
@@ -81,7 +84,7 @@ class Plan:
             "derived": self.derived, "hardware": self.hardware,
             "stages": [{"stage": s.name, "key": s.key, "dir_name": s.dir_name, "upstream": list(s.upstream),
                         "nproc_per_node": s.nproc_per_node, "nnodes": s.nnodes, "params": s.params, "env": s.env,
-                        "estimate": s.estimate} for s in self.stages],
+                        "estimate": s.estimate, "memory": s.memory} for s in self.stages],
             "totals": {
                 "flops": sum(s.estimate.get("flops", 0) for s in self.stages),
                 "seconds": sum(s.estimate.get("seconds", 0) for s in self.stages),
@@ -158,6 +161,7 @@ def _stage_params(spec, name, derived, dtype):
         compile_ = t.pop("compile", None)
         if t.get("compile_optimizer") is None:  # left to base_train's default (and out of the content key)
             t.pop("compile_optimizer", None)
+        t["device_batch_size"] = derived["device_batch_size"]   # auto resolved from the memory estimate
         params = {**m, **t, "run": run or "dummy", "device_type": device_type, "seed": spec.seed,
                   "compile": (1 if device_type == "cuda" else 0) if compile_ is None else int(compile_),
                   "dtype": dtype, "resume_from_step": -2}
@@ -165,29 +169,101 @@ def _stage_params(spec, name, derived, dtype):
         return params
     if name == "base_eval":
         params = {"device_type": device_type, **opts}
-        if params.get("device_batch_size") is None:
-            params["device_batch_size"] = spec.train.device_batch_size
+        if params.get("device_batch_size") in (None, "auto"):
+            params["device_batch_size"] = derived.get("device_batch_size", DEFAULT_DEVICE_BATCH)
         if "bundle" in params:  # spec name -> stage flag name
             params["bundle_source"] = params.pop("bundle")
         return params
     return {"device_type": device_type, "seed": spec.seed, **opts}  # sft, rl, chat_eval: their options as given
 
 
-def _derive(spec):
-    """Scaling laws resolved for the pretraining stage (nanochat.scaling is the one place they live)."""
+def _resolve(spec, device_batch_size):
     m, t, hw = spec.model, spec.train, spec.hardware
-    world = hw.nodes * hw.gpus_per_node
-    vocab = spec_vocab_size(spec)
+    return scaling.resolve_training(
+        m.depth, vocab_size=spec_vocab_size(spec), aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
+        max_seq_len=m.max_seq_len, window_pattern=m.window_pattern, num_iterations=t.num_iterations,
+        target_flops=t.target_flops, target_param_data_ratio=t.target_param_data_ratio,
+        device_batch_size=device_batch_size, total_batch_size=t.total_batch_size, world_size=hw.world_size,
+        embedding_lr=t.embedding_lr, unembedding_lr=t.unembedding_lr, matrix_lr=t.matrix_lr, scalar_lr=t.scalar_lr,
+        weight_decay=t.weight_decay)
+
+
+def memory_capacity(spec, caps):
+    """Bytes one process may use: a GPU's memory, or the machine's memory shared by the processes on it."""
+    total = caps.get("memory_bytes")
+    if not total:
+        return None
+    return total // spec.hardware.gpus_per_node if caps.get("device_type") in ("cpu", "mps") else total
+
+
+def _memory_kwargs(spec, dtype):
+    kind = _device_type(spec)
+    compile_ = spec.train.compile if spec.train.compile is not None else kind == "cuda"
+    return {"dtype": dtype, "world_size": spec.hardware.world_size, "device_type": kind,
+            "attention_backend": "flex" if kind == "cuda" else "sdpa", "compile": bool(compile_)}
+
+
+def _derive(spec, caps, dtype):
+    """Scaling laws resolved for the pretraining stage (nanochat.scaling is the one place they live), with the
+    device batch chosen from the memory estimate (nanochat.memory) when it is auto, or checked when it is not."""
+    requested = spec.train.device_batch_size
     try:
-        return scaling.resolve_training(
-            m.depth, vocab_size=vocab, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim, max_seq_len=m.max_seq_len,
-            window_pattern=m.window_pattern, num_iterations=t.num_iterations, target_flops=t.target_flops,
-            target_param_data_ratio=t.target_param_data_ratio, device_batch_size=t.device_batch_size,
-            total_batch_size=t.total_batch_size, world_size=world, embedding_lr=t.embedding_lr,
-            unembedding_lr=t.unembedding_lr, matrix_lr=t.matrix_lr, scalar_lr=t.scalar_lr,
-            weight_decay=t.weight_decay)
+        derived = _resolve(spec, 1 if requested == "auto" else requested)
     except ValueError as e:
         raise SpecError(f"{spec.name}: train: {e}") from None
+    capacity = memory_capacity(spec, caps)
+    kwargs = _memory_kwargs(spec, dtype)
+    where = "device memory" if capacity else "memory unknown"
+    if requested == "auto":
+        if capacity is None:
+            fits = [b for b in memory.batch_candidates(derived, spec.hardware.world_size) if b <= DEFAULT_DEVICE_BATCH]
+            chosen, why = (fits[0] if fits else 1), f"auto: {where}, the reference default {DEFAULT_DEVICE_BATCH} or less"
+        else:
+            chosen = memory.pick_device_batch_size(derived, capacity, margin=MEMORY_MARGIN, **kwargs)
+            if chosen is None:
+                raise SpecError(f"{spec.name}: train.device_batch_size: " + memory.memory_refusal(
+                    derived, capacity, device_batch_size=1, margin=MEMORY_MARGIN, **kwargs))
+            why = f"auto: the largest power of two whose estimate fits {MEMORY_MARGIN:.0%} of the {where}"
+        derived = _resolve(spec, chosen)
+    else:
+        why = "spec"
+        refusal = capacity and memory.memory_refusal(derived, capacity, device_batch_size=requested,
+                                                     margin=MEMORY_MARGIN, **kwargs)
+        if refusal:
+            raise SpecError(f"{spec.name}: train.device_batch_size: {refusal}")
+    derived["device_batch_size_reason"] = why
+    return derived
+
+
+def _fits(estimate, capacity):
+    return {"per_device_bytes": estimate["per_device_bytes"], "device_capacity_bytes": capacity,
+            "fits": None if capacity is None else estimate["per_device_bytes"] <= MEMORY_MARGIN * capacity,
+            "margin": MEMORY_MARGIN, "breakdown": estimate["breakdown"], "peak_at": estimate.get("peak_at")}
+
+
+def _memory(spec, name, params, derived, caps, dtype):
+    """The peak-memory estimate of one stage per device, against the device's capacity (plan --json: memory)."""
+    if not derived or name not in MULTI_PROCESS_STAGES:
+        return {}
+    capacity = memory_capacity(spec, caps)
+    kwargs = _memory_kwargs(spec, dtype)
+    T = derived["sequence_len"]
+    if name == "base_train":
+        est = memory.estimate_training_memory(derived, device_batch_size=derived["device_batch_size"], **kwargs)
+    elif name == "sft":
+        rows = params.get("device_batch_size") or derived["device_batch_size"]
+        seq = params.get("max_seq_len") or T
+        est = memory.estimate_training_memory(derived, device_batch_size=rows, stage="sft", sequence_len=seq,
+                                              **{**kwargs, "compile": False})
+    elif name == "rl":
+        est = memory.estimate_training_memory(derived, device_batch_size=params.get("device_batch_size", 8),
+                                              stage="rl", **{**kwargs, "compile": False})
+    else:   # base_eval: no-grad forwards of device_batch_size rows (+ sampling); chat_eval: batched generation
+        rows = params.get("device_batch_size") if name == "base_eval" else params.get("batch_size", 8)
+        est = memory.estimate_inference_memory(derived, batch_size=rows or 1, dtype=dtype,
+                                               device_type=kwargs["device_type"], sequence_len=T,
+                                               attention_backend=kwargs["attention_backend"])
+    return _fits(est, capacity)
 
 
 def _estimate(spec, name, derived, hardware):
@@ -207,9 +283,10 @@ def _estimate(spec, name, derived, hardware):
 def make_plan(spec, caps=None):
     """Resolve `spec`; `caps` (a capability record, see nanochat.hardware) replaces probing this machine."""
     names = list(stage_names(spec))
-    derived = _derive(spec) if "base_train" in names else {}
-    hardware = resolve_hardware(spec, caps if caps is not None else device_caps(spec))
+    caps = caps if caps is not None else device_caps(spec)
+    hardware = resolve_hardware(spec, caps)
     dtype = hardware["dtype"]["dtype"]
+    derived = _derive(spec, caps, dtype) if "base_train" in names else {}
     keys, stages = {}, []
     for name in names:
         params = _stage_params(spec, name, derived, dtype)
@@ -223,8 +300,9 @@ def make_plan(spec, caps=None):
         keys[name] = key
         nproc, nnodes = _world(spec, name)
         stages.append(StagePlan(name=name, module=f"nanochat.stages.{name}", params=params, upstream=upstream,
-                                key=key, nproc_per_node=nproc, nnodes=nnodes, estimate=_estimate(spec, name, derived, hardware),
-                                env=env))
+                                key=key, nproc_per_node=nproc, nnodes=nnodes,
+                                estimate=_estimate(spec, name, derived, hardware),
+                                memory=_memory(spec, name, params, derived, caps, dtype), env=env))
     h = spec_hash(spec)
     return Plan(spec=spec, run_id=f"{spec.name}-{h[:8]}", spec_hash=h, stages=stages, derived=derived,
                 hardware=hardware)

@@ -152,7 +152,9 @@ class TrainSpec(_Model):
     target_flops: float = -1.0
     target_param_data_ratio: float = 12.0
     # batch and optimizer (LRs are the d12/B=2^19 values; plan scales them with the batch)
-    device_batch_size: int = Field(32, ge=1)
+    # rows per device per micro-step; auto = the largest power of two whose memory estimate fits the device
+    # (nanochat.memory; `nanorun plan` shows it), gradient accumulation keeping total_batch_size
+    device_batch_size: Union[Literal["auto"], Annotated[int, Field(ge=1)]] = "auto"
     total_batch_size: int = -1                    # tokens per optimizer step; -1 = from the scaling law
     embedding_lr: float = Field(0.3, ge=0)
     unembedding_lr: float = Field(0.008, ge=0)
@@ -185,6 +187,13 @@ class TrainSpec(_Model):
     _check_off_or_positive = field_validator(
         "num_iterations", "target_flops", "target_param_data_ratio", "total_batch_size", "eval_every",
         "core_metric_every", "core_metric_max_per_task", "sample_every", "save_every")(_off_or_positive)
+
+    @field_validator("device_batch_size", mode="before")
+    @classmethod
+    def _auto_or_positive_int(cls, v):
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 1):
+            return v
+        raise ValueError(f"must be auto or an integer >= 1 (got {v!r})")
 
     @field_validator("warmup_ratio")
     @classmethod
@@ -398,7 +407,7 @@ class Spec(_Model):
     @model_validator(mode="after")
     def _batch_divides(self):
         t = self.train
-        if t.total_batch_size > 0:
+        if t.total_batch_size > 0 and t.device_batch_size != "auto":
             per_step = t.device_batch_size * self.model.max_seq_len * self.hardware.world_size
             if t.total_batch_size % per_step:
                 raise problem(f"must be a multiple of device_batch_size * max_seq_len * world_size = "

@@ -22,7 +22,8 @@ def _top(mods):
 
 
 @pytest.mark.parametrize("package", ["specs", "registry", "runners.plan", "runners.execute", "runners.cli",
-                                     "nanochat.scaling", "nanochat.hardware", "nanochat.probe", "nanochat.rundir"])
+                                     "nanochat.scaling", "nanochat.hardware", "nanochat.probe", "nanochat.rundir",
+                                     "nanochat.memory"])
 def test_torch_free_packages(package):
     mods = _modules_after(f"import {package}")
     assert "torch" not in mods, f"{package} imports torch"

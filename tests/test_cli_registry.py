@@ -178,7 +178,7 @@ from runners.cli import main
 for args in (["runs"], ["show", "cpu_demo"], ["leaderboard"], ["query", "select 1"], ["registry", "rebuild"]):
     result = CliRunner().invoke(main, args, catch_exceptions=False)
     assert result.exit_code == 0, (args, result.output)
-pure = ("nanochat", "nanochat.scaling", "nanochat.hardware", "nanochat.probe", "nanochat.rundir")  # torch-free by design
+pure = ("nanochat", "nanochat.scaling", "nanochat.hardware", "nanochat.probe", "nanochat.rundir", "nanochat.memory")  # torch-free by design
 heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "textual", "nanochat") and m not in pure)
 print("HEAVY", heavy)
 """

@@ -129,7 +129,7 @@ def test_scientific_notation_and_underscores():
 
 def test_strict_types_do_not_coerce():
     problems = specs.validate_text(MINIMAL + "train: {device_batch_size: '16', num_iterations: 2.5, fp8: 1}\n", "f")
-    assert problems == ["f:7:28: train.device_batch_size: expected an integer (got '16')",
+    assert problems == ["f:7:28: train.device_batch_size: must be auto or an integer >= 1 (got '16')",
                         "f:7:50: train.num_iterations: expected an integer (got 2.5)",
                         "f:7:60: train.fp8: expected true or false (got 1)"]
 
@@ -192,7 +192,7 @@ def test_stage_options_inherit_and_override():
     spec = specs.load_text(MINIMAL + "tokenizer: {vocab_size: 8192}\n"
                            "stages: [{tok_train: {max_chars: 1000}}, base_train, base_eval:, sft, rl, chat_eval]\n")
     assert specs.stage_options(spec, "tok_train") == {"vocab_size": 8192, "max_chars": 1000, "doc_cap": 10_000}
-    assert specs.stage_options(spec, "base_eval")["device_batch_size"] == 32
+    assert specs.stage_options(spec, "base_eval")["device_batch_size"] == "auto"   # resolved by the plan (the device batch train gets)
     assert specs.stage_options(spec, "chat_eval")["source"] == "rl"
     assert specs.stage_options(spec, "data") == {}
     with pytest.raises(KeyError, match="did you mean 'base_eval'"):
