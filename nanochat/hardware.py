@@ -88,7 +88,18 @@ _GPU_FACTS = [
     (("5090",), (12, 0), 32 * GiB), (("4090",), (8, 9), 24 * GiB), (("3090",), (8, 6), 24 * GiB),
     (("v100", "32gb"), (7, 0), 32 * GiB), (("v100",), (7, 0), 16 * GiB), (("t4",), (7, 5), 16 * GiB),
     (("p100",), (6, 0), 16 * GiB),
+    # AMD Instinct (ROCm runs the CUDA code path): bf16 matrix cores, so they stand in at the sm_80 feature level
+    (("mi355x",), (8, 0), 288 * GiB), (("mi325x",), (8, 0), 256 * GiB), (("mi300x",), (8, 0), 192 * GiB),
+    (("mi300a",), (8, 0), 128 * GiB), (("mi250x",), (8, 0), 64 * GiB), (("mi250",), (8, 0), 64 * GiB),
 ]
+
+
+def known_gpu_names():
+    """The GPU names the tables know, as a spec would spell them ("H100", "A100 40GB", "RTX 4090", ...)."""
+    names = []
+    for keys, _, _ in _GPU_FACTS:
+        names.append(" ".join(k.upper() if not k.isdigit() else f"RTX {k}" for k in keys))
+    return names
 
 
 def gpu_facts(device_name):

@@ -10,13 +10,14 @@ shares data + vocab; a re-apply after a crash resumes the stage in the same dire
     plan = make_plan(specs.load("specs/d12.yaml"))
 """
 
+import difflib
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 
 from nanochat import memory, probe, rundir, scaling
-from nanochat.hardware import get_peak_flops, mfu_peak_flops, resolve_dtype
+from nanochat.hardware import get_peak_flops, known_gpu_names, mfu_peak_flops, resolve_dtype
 from specs import spec_hash, stage_names, stage_options
 from specs import vocab_size as spec_vocab_size
 from specs.errors import SpecError
@@ -125,7 +126,14 @@ def device_caps(spec):
     kind = _device_type(spec)
     if kind == "cuda":
         local = probe.local_caps("cuda")
-        return local if local else probe.table_record(spec.hardware.gpu)
+        if local:
+            return local
+        record = probe.table_record(spec.hardware.gpu)
+        if record["compute_capability"] is None:   # a typo would plan as "~0s, ~$0.00"
+            close = difflib.get_close_matches(spec.hardware.gpu.upper(), known_gpu_names(), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known_gpu_names())}"
+            raise SpecError(f"{spec.name}: hardware.gpu: unknown GPU {spec.hardware.gpu!r}{hint}")
+        return record
     if kind == "mps":
         return probe.local_caps("mps") or {"device_type": "mps", "name": "Apple GPU (MPS)", "matmul_flops": {},
                                            "compute_capability": None, "memory_bytes": None, "source": "table"}

@@ -43,6 +43,9 @@ def _parse(text, filename):
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
+        alias_problem = _check_aliases(root, where)
+        if alias_problem:
+            return None, None, [alias_problem]
         data = None if root is None else loader.construct_document(root)
         if data is None:   # no document, or only comments / `---`
             return None, None, [f"{filename}:1:1: the spec is empty (expected a mapping with name, data, model, ...)"]
@@ -61,6 +64,29 @@ def _parse(text, filename):
         got = "a list" if isinstance(data, list) else _show(data)
         return None, None, [f"{where(root.start_mark)}: the top level must be a mapping of spec fields (got {got})"]
     return root, data, problems
+
+
+MAX_NODES = 100_000   # a spec is a few hundred nodes; aliases may not blow it up past this
+
+
+def _check_aliases(root, where):
+    """A problem line for a recursive alias (a node that contains itself) or an alias bomb (aliases of aliases
+    expanding past MAX_NODES), else None; checked on the composed graph before anything is constructed."""
+    if root is None:
+        return None
+    visits, stack = 0, [(root, frozenset())]
+    while stack:
+        node, ancestors = stack.pop()
+        visits += 1
+        if visits > MAX_NODES:
+            return f"{where(root.start_mark)}: the spec expands to over {MAX_NODES:,} YAML nodes through aliases"
+        if id(node) in ancestors:
+            return f"{where(node.start_mark)}: a YAML alias refers to a node that contains it (recursive alias)"
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)):
+            inner = ancestors | {id(node)}
+            children = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            stack.extend((child, inner) for child in children)
+    return None
 
 
 def _duplicate_keys(node, path, where):
@@ -198,6 +224,8 @@ def _message(err, loc):
         return f"unknown field {loc[-1]!r}{hint}"
     if kind == "missing":
         return "required field is missing"
+    if kind == "finite_number":
+        return f"must be a finite number (got {_show(value)})"
     if kind == "invalid_key":
         return f"field names must be strings (got {_show(value)})"
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "int_from_float":

@@ -35,7 +35,7 @@ Source = Literal["climbmix", "fineweb_edu", "parquet", "text", "demo"]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 def problem(message, at=None):
@@ -141,6 +141,24 @@ class ModelSpec(_Model):
         if not v or any(c not in "SL" for c in v):
             raise ValueError(f"must use only the letters S (short window) and L (full context) (got {v!r})")
         return v
+
+    @field_validator("head_dim")
+    @classmethod
+    def _even(cls, v):
+        if v % 2:
+            raise ValueError(f"must be even: rotary embeddings rotate pairs of channels (got {v})")
+        return v
+
+    @model_validator(mode="after")
+    def _buildable(self):
+        # width = depth * aspect_ratio rounded up to whole heads (nanochat.scaling.model_dims); the smear gate reads
+        # the first 24 channels of the residual stream (scaling.SMEAR_CHANNELS), so the model needs at least that
+        width = -(-self.depth * self.aspect_ratio // self.head_dim) * self.head_dim
+        if width < 24:
+            raise problem(f"width {width} (depth {self.depth} x aspect_ratio {self.aspect_ratio}, in heads of "
+                          f"{self.head_dim}) is under the 24 channels the smear gate reads; raise aspect_ratio",
+                          "aspect_ratio")
+        return self
 
 
 # --- pretraining ------------------------------------------------------------------------------------

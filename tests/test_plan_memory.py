@@ -84,3 +84,16 @@ def test_shipped_gpu_specs_fit_their_gpus():
     for name in ("d12", "d20", "d24"):
         plan = make_plan(specs.load(os.path.join(ROOT, "specs", f"{name}.yaml")))
         assert all(s.memory["fits"] for s in plan.stages if s.memory), name
+
+
+def test_an_unknown_gpu_name_is_refused_with_a_suggestion(nanorun_home, tmp_path):
+    spec = tmp_path / "typo.yaml"
+    spec.write_text(open(os.path.join(ROOT, "specs", "d12.yaml")).read().replace("gpu: H100-SXM", "gpu: H10O-SXM"))
+    for command in ("plan", "validate"):
+        out = CliRunner().invoke(main, [command, str(spec)])
+        assert out.exit_code == 2
+        assert out.output.strip().splitlines()[-1].endswith(
+            "hardware.gpu: unknown GPU 'H10O-SXM' (did you mean 'H100'?)")
+    for name in ("AMD Instinct MI300X", "NVIDIA A100-SXM4-40GB", "Tesla T4", "NVIDIA GeForce RTX 4090"):
+        spec.write_text(f"name: g\nhardware: {{gpu: {name}}}\ndata: {{train: [{{source: demo}}]}}\nmodel: {{depth: 4}}\n")
+        assert CliRunner().invoke(main, ["plan", str(spec)]).exit_code == 0, name

@@ -256,3 +256,27 @@ def test_yaml_edge_cases():
     assert specs.validate_text(MINIMAL + "tags: foo\n", "f") == ["f:7:7: tags: expected a list (got 'foo')"]
     assert specs.validate_text(MINIMAL + "x: &a 3\ny: *a\n", "f") == ["f:7:1: x: unknown field 'x'",
                                                                       "f:8:1: y: unknown field 'y'"]
+
+
+def test_non_finite_numbers_and_unbuildable_shapes_are_refused():
+    M = "name: x\ndata: {train: [{source: demo}]}\n"
+    assert specs.validate_text(M + "model: {depth: 4}\ntrain: {target_flops: .inf}\n", "f") == \
+        ["f:4:23: train.target_flops: must be a finite number (got inf)"]
+    assert specs.validate_text(M + "model: {depth: 4}\ntrain: {target_flops: .nan}\n", "f") == \
+        ["f:4:23: train.target_flops: must be a finite number (got nan)"]
+    assert specs.validate_text(M + "model: {depth: 4, head_dim: 63}\n", "f") == \
+        ["f:3:29: model.head_dim: must be even: rotary embeddings rotate pairs of channels (got 63)"]
+    assert specs.validate_text(M + "model: {depth: 2, aspect_ratio: 4, head_dim: 8}\n", "f") == \
+        ["f:3:33: model.aspect_ratio: width 8 (depth 2 x aspect_ratio 4, in heads of 8) is under the 24 channels "
+         "the smear gate reads; raise aspect_ratio"]
+
+
+def test_recursive_aliases_and_alias_bombs_are_one_line():
+    assert specs.validate_text("name: x\ndata: &a\n  train: [*a]\n", "f") == \
+        ["f:2:7: a YAML alias refers to a node that contains it (recursive alias)"]
+    bomb = "name: x\na: &a [1,1,1,1,1,1,1,1,1,1]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 10) + "]\n" for i in range(9))
+    assert specs.validate_text(bomb, "f") == ["f:1:1: the spec expands to over 100,000 YAML nodes through aliases"]
+    # ordinary anchors still work
+    ok = "name: x\nmodel: {depth: 4}\ndata: {train: [&src {source: demo}], val: *src}\n"
+    assert specs.validate_text(ok, "f") == []
