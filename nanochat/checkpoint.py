@@ -164,7 +164,7 @@ def remap_loader_states(old_states, ranks, world_size, groups_per_source):
     """Dataloader states for loaders (rank in `ranks`, of `world_size`) from the states of a run whose loaders
     were split differently. An exact data resume is impossible then (rows were packed per old rank), so every
     new loader restarts, per source, just past the furthest row group any old loader had read (in its
-    epoch); buffered documents are dropped. groups_per_source: total row groups of each train source."""
+    epoch); buffered and pending documents are dropped. groups_per_source: total row groups of each train source."""
     old_world = old_states[0]["world_size"]
     starts = []  # per source: (epoch, first global row group not yet read by anyone), taken
     for i, groups in enumerate(groups_per_source):
@@ -192,8 +192,8 @@ def remap_loader_states(old_states, ranks, world_size, groups_per_source):
                 epoch, pos = epoch + 1, 0
             sources.append({"name": old_states[0]["sources"][i]["name"], "position": pos, "epoch": epoch,
                             "taken": taken})
-        out.append({**{k: v for k, v in old_states[0].items() if k not in ("sources", "buffer")},
-                    "rank": rank, "world_size": world_size, "sources": sources, "buffer": []})
+        out.append({**{k: v for k, v in old_states[0].items() if k not in ("sources", "buffer", "pending")},
+                    "rank": rank, "world_size": world_size, "sources": sources, "buffer": [], "pending": []})
     return out
 
 

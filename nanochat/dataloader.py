@@ -10,7 +10,10 @@ Tokenizing, distributed, resumable pretraining loader with BOS-aligned best-fit 
 data_dir is a `data` stage directory (manifest.json) or a plain folder of parquet files (last file = val).
 Packing: each row holds T+1 tokens; every document is BOS-prefixed; we repeatedly take the largest buffered
 document that fits the remaining space, and when none fits we crop the shortest one to fill the row exactly
-(no padding; the cropped tail is dropped). Rank r reads row groups r, r+W, r+2W, ... of each source.
+(no padding; the cropped tail is dropped). Among equal lengths the document read first wins. Whenever the
+buffer holds fewer than buffer_size documents, the next refill_size (128) documents of the current row group
+join it: the reference's refill, so a single stream packs exactly the rows the reference packs.
+Rank r reads row groups r, r+W, r+2W, ... of each source.
 Mixture: the next row group comes from the source with the largest token deficit w_i * total - taken_i.
 """
 
@@ -23,7 +26,7 @@ import torch
 
 from nanochat.dataset import list_parquet_files
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 added `pending`; a version-1 state loads with none pending
 
 
 def read_data_dir(data_dir):
@@ -54,7 +57,7 @@ def _rank_units(files, rank, world_size):
 class DataLoader:
 
     def __init__(self, data_dir, tokenizer, batch_size, seq_len, split="train", rank=0, world_size=1,
-                 device="cpu", state=None, buffer_size=1000, tokenizer_threads=4):
+                 device="cpu", state=None, buffer_size=1000, tokenizer_threads=4, refill_size=128):
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
         train, val_files = read_data_dir(data_dir)
@@ -74,11 +77,15 @@ class DataLoader:
         self.split, self.rank, self.world_size = split, rank, world_size
         self.device = torch.device(device)
         self.buffer_size = buffer_size
+        self.refill_size = refill_size
         self.tokenizer_threads = tokenizer_threads
-        # resumable state: next unit per source, epochs (start at 1), tokens taken per source, the doc buffer
+        # resumable state: next unit per source, epochs (start at 1), tokens taken per source, the doc buffer,
+        # and the tokenized documents of the last row group read that have not joined the buffer yet
         n = len(sources)
         self.positions, self.epochs, self.taken = [0] * n, [1] * n, [0] * n
-        self.buffer, self.lengths = [], []  # docs kept sorted by length; lengths mirrors them for bisect
+        # docs sorted by length, equal lengths in the order read; lengths mirrors them for bisect
+        self.buffer, self.lengths = [], []
+        self.pending = []
         if state is not None:
             self.load_state_dict(state)
 
@@ -89,11 +96,11 @@ class DataLoader:
         return {"version": STATE_VERSION, "split": self.split, "rank": self.rank, "world_size": self.world_size,
                 "sources": [{"name": n, "position": p, "epoch": e, "taken": t}
                             for n, p, e, t in zip(self.names, self.positions, self.epochs, self.taken)],
-                "buffer": [list(doc) for doc in self.buffer]}
+                "buffer": [list(doc) for doc in self.buffer], "pending": [list(doc) for doc in self.pending]}
 
     def load_state_dict(self, state):
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"dataloader state version {state.get('version')} != {STATE_VERSION}")
+        if state.get("version") not in (1, STATE_VERSION):
+            raise ValueError(f"dataloader state version {state.get('version')} is not 1 or {STATE_VERSION}")
         if (state["split"], state["rank"], state["world_size"]) != (self.split, self.rank, self.world_size):
             raise ValueError(f"dataloader state is for split={state['split']} rank={state['rank']} "
                              f"world_size={state['world_size']}, not {self.split}/{self.rank}/{self.world_size}")
@@ -104,6 +111,7 @@ class DataLoader:
         self.taken = [s["taken"] for s in state["sources"]]
         self.buffer = [list(doc) for doc in state["buffer"]]
         self.lengths = [len(doc) for doc in self.buffer]
+        self.pending = [list(doc) for doc in state.get("pending", [])]
 
     @property
     def epoch(self):
@@ -124,7 +132,7 @@ class DataLoader:
         return best
 
     def _read_next_unit(self):
-        """Tokenize the next row group of the mixture and add its documents to the buffer."""
+        """Tokenize the next row group of the mixture into `pending`."""
         i = self._pick_source()
         path, rg, doc_start, doc_step = self.units[i][self.positions[i]]
         self.positions[i] += 1
@@ -133,10 +141,16 @@ class DataLoader:
             self.epochs[i] += 1
         texts = pq.ParquetFile(path).read_row_group(rg, columns=["text"]).column("text").to_pylist()
         texts = texts[doc_start::doc_step]
-        docs = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
+        self.pending = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.tokenizer_threads)
+        self.taken[i] += sum(len(doc) for doc in self.pending)
+
+    def _refill(self):
+        """Move the next refill_size pending documents into the buffer (reading a row group if none are left)."""
+        if not self.pending:
+            self._read_next_unit()
+        docs, self.pending = self.pending[:self.refill_size], self.pending[self.refill_size:]
         for doc in docs:
-            self.taken[i] += len(doc)
-            k = bisect.bisect_right(self.lengths, len(doc))
+            k = bisect.bisect_right(self.lengths, len(doc))  # after its equal lengths: they stay in read order
             self.lengths.insert(k, len(doc))
             self.buffer.insert(k, doc)
 
@@ -147,17 +161,18 @@ class DataLoader:
             empty_reads = 0
             while len(self.buffer) < self.buffer_size:
                 before = len(self.buffer)
-                self._read_next_unit()
+                self._refill()
                 empty_reads = empty_reads + 1 if len(self.buffer) == before else 0
                 if empty_reads > sum(len(u) for u in self.units):
                     raise ValueError(f"{self.split} data has no documents for rank {self.rank}")
             k = bisect.bisect_right(self.lengths, remaining) - 1
-            if k >= 0:  # the largest document that fits
+            if k >= 0:  # the largest document that fits, the first read of that length
+                k = bisect.bisect_left(self.lengths, self.lengths[k])
                 doc = self.buffer.pop(k)
                 self.lengths.pop(k)
                 row.extend(doc)
                 remaining -= len(doc)
-            else:  # nothing fits: crop the shortest document to fill the row
+            else:  # nothing fits: crop the shortest document (the first read of that length) to fill the row
                 doc = self.buffer.pop(0)
                 self.lengths.pop(0)
                 row.extend(doc[:remaining])
