@@ -10,7 +10,8 @@ and a stage can call it again at run time with what it found.
     est["per_device_bytes"], est["breakdown"]          # bytes; breakdown by what holds them
     memory.pick_device_batch_size(derived, 80 * 2**30, dtype="bfloat16", world_size=8, device_type="cuda")
 
-The model is a count of the tensors nanochat really keeps (checked tensor by tensor on CPU, bench/memory_check.py):
+The model is a count of the tensors nanochat really keeps (checked on CPU against autograd's saved tensors and
+the profiler's allocations in tests/test_memory.py, and against the real stage's peak RSS in bench/memory_check.py):
 - params: fp32 masters for every Linear and scalar (gpt.Linear casts to the compute dtype per call); wte and the
   value embeddings in the compute dtype (fp32 under fp16, as init_weights); the rotary tables (10x the context).
 - grads: one per parameter, in its dtype, from the first backward to zero_grad.
@@ -25,9 +26,11 @@ The model is a count of the tensors nanochat really keeps (checked tensor by ten
 - loss: nanochat.loss computes the head's gradients inside the forward (a fp32 (V, C) weight gradient plus chunk
   buffers); the plain full-logits path (RL, compiled GPU) keeps (N, V) tensors.
 - optimizer step: nanochat.optim stacks every Muon group's gradients at once and runs Polar Express on one group
-  at a time (about 8 fp32 copies of the group); with W > 1 the gathered params of every group until phase 3.
-- allocator: on CPU a second generation of activations (glibc's heap does not give the first step's activation
-  region back to the next step's; see estimate_training_memory); on CUDA 5% for the caching allocator's rounding.
+  at a time (about 8 fp32 copies of the group); with W > 1 also the reduced chunks and a full-size gather buffer
+  per parameter until phase 3.
+- allocator: on CPU a second generation of activations, plus a sharded step's collective buffers (glibc's heap
+  does not give the first step's regions back to the next step's activations; see estimate_training_memory); on
+  CUDA 5% for the caching allocator's rounding.
 - runtime: what is resident before the first tensor (CPU: the stage process with torch, tokenizer and loader, plus
   inductor when a compiled kernel is in use; CUDA: context, cuBLAS/NCCL workspaces).
 The peak is the largest of four moments: the end of the forward (activations + loss buffers, plus the grads
@@ -42,7 +45,6 @@ from nanochat.scaling import SMEAR_CHANNELS, VE_GATE_CHANNELS, has_value_embeddi
 MiB = 2 ** 20
 GiB = 2 ** 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-FLASH_BACKENDS = ("fa3", "flash_attn", "flex")
 
 # kept equal to the torch-side constants (tests/test_memory.py checks): nanochat.loss, nanochat.optim
 LOSS_CHUNK_ROWS = 256
@@ -59,6 +61,8 @@ MUON_WORK_COPIES = 8
 # of a process that does what base_train does before its model exists (torch 2.13 CPU, Linux x86-64: the
 # interpreter, torch's libraries, the tokenizer, pyarrow, the data loader's buffers, the device probe), and what
 # inductor adds once nanochat.loss's compiled passes exist (used from vocab 2048 on; also a compiled optimizer).
+# Their sum is what is calibrated: 522-623 MiB over ten measurements. How it splits depends on whether the device
+# probe measured its matmul peaks in that process (a first run; ~495 + 80) or read its cache (~370 + 175).
 CPU_RUNTIME_BYTES = 495 * MiB
 CPU_INDUCTOR_BYTES = 80 * MiB
 # CUDA, not measured here: the context with lazy module loading (~0.5 GiB on Hopper), cuBLAS/NCCL workspaces and
@@ -78,15 +82,18 @@ def _dims(derived):
     return L, C, H, Hkv, D, derived["padded_vocab_size"]
 
 
-def _matrix_shapes(derived):
-    """(rows, cols) of every transformer matrix, grouped by shape as GPT.setup_optimizer builds the Muon groups."""
+def _layer_matrices(derived, i):
+    """(rows, cols) of layer i's matrices: c_q, c_k, c_v, attention c_proj, c_fc, MLP c_proj, the ve gate."""
     L, C, H, Hkv, D, _ = _dims(derived)
+    mats = [(H * D, C), (Hkv * D, C), (Hkv * D, C), (C, H * D), (4 * C, C), (C, 4 * C)]
+    return mats + ([(Hkv, VE_GATE_CHANNELS)] if has_value_embedding(i, L) else [])
+
+
+def _matrix_shapes(derived):
+    """{(rows, cols): count} of the transformer matrices: the Muon groups of GPT.setup_optimizer."""
     shapes = {}
-    for i in range(L):
-        mats = [(H * D, C), (Hkv * D, C), (Hkv * D, C), (C, H * D), (4 * C, C), (C, 4 * C)]
-        if has_value_embedding(i, L):
-            mats.append((Hkv, VE_GATE_CHANNELS))
-        for shape in mats:
+    for i in range(derived["n_layer"]):
+        for shape in _layer_matrices(derived, i):
             shapes[shape] = shapes.get(shape, 0) + 1
     return shapes
 
@@ -179,12 +186,6 @@ def activation_bytes(derived, device_batch_size, dtype, device_type="cpu", atten
             "total": sum(per_layer) + embedding + head}
 
 
-def _layer_matrices(derived, i):
-    L, C, H, Hkv, D, _ = _dims(derived)
-    mats = [(H * D, C), (Hkv * D, C), (Hkv * D, C), (C, H * D), (4 * C, C), (C, 4 * C)]
-    return mats + ([(Hkv, VE_GATE_CHANNELS)] if has_value_embedding(i, L) else [])
-
-
 def loss_bytes(derived, device_batch_size, dtype, device_type="cpu", plain=False, compiled=False,
                sequence_len=None):
     """Buffers of lm_head + softcap + cross-entropy at the forward's end, beyond the saved activations:
@@ -222,20 +223,33 @@ def loss_bytes(derived, device_batch_size, dtype, device_type="cpu", plain=False
 
 
 def optimizer_step_bytes(derived, dtype, world_size=1):
-    """Transient buffers of one MuonAdamW.step on one rank (grads and state not included)."""
+    """Transient buffers of one MuonAdamW.step on one rank (grads and state not included). Phase 1 stacks every
+    Muon group's grads (padded to a multiple of W matrices); phase 2 updates one group at a time (Polar Express on
+    the owned matrices); with W > 1 the collective buffers come on top (collective_bytes). AdamW on a single
+    process runs the fused kernel in place."""
     W = world_size
-    shapes = _matrix_shapes(derived)
-    stacked = sum(4 * _ceil_div(K, W) * W * m * n for (m, n), K in shapes.items())   # phase 1: all groups
-    work = max(4 * (MUON_WORK_COPIES * _ceil_div(K, W) * m * n + _ceil_div(K, W) * min(m, n) ** 2)
-               for (m, n), K in shapes.items())
+    muon = [(m * n, _ceil_div(K, W), min(m, n)) for (m, n), K in _matrix_shapes(derived).items()]
+    stacked = sum(4 * chunk * W * e for e, chunk, _ in muon)
+    work = max(4 * chunk * (MUON_WORK_COPIES * e + side ** 2) for e, chunk, side in muon)
+    return stacked + work + collective_bytes(derived, dtype, world_size)
+
+
+def collective_bytes(derived, dtype, world_size):
+    """The buffers of a sharded step (W > 1), all alive at the end of phase 2: each Muon group's reduced chunk,
+    its updated chunk and the all-gather buffer of its W chunks; each big AdamW param's zero-padded grad (when its
+    rows do not divide), reduced chunk, updated slice, padded output and full-size gather buffer."""
+    W = world_size
     if W == 1:
-        return stacked + work
-    # phase 1 also makes each rank's reduced chunk; phases 2-3 gather every updated param in full
-    c_emb = 4 if dtype == "float16" else _dtype_bytes(dtype)
-    owned = sum(4 * _ceil_div(K, W) * m * n for (m, n), K in shapes.items())
-    gathered = stacked + sum(_ceil_div(r, W) * W * cols * b for r, cols, b in _adamw_params(derived, c_emb)
-                             if r * cols >= OPTIM_SMALL_NUMEL)
-    return stacked + owned + gathered + work
+        return 0
+    emb = 4 if dtype == "float16" else _dtype_bytes(dtype)
+    total = sum(4 * _ceil_div(K, W) * m * n * (2 + W) for (m, n), K in _matrix_shapes(derived).items())
+    for rows, cols, nbytes in _adamw_params(derived, emb):
+        if rows * cols < OPTIM_SMALL_NUMEL:
+            continue                                   # all-reduced in place
+        chunk = _ceil_div(rows, W)
+        padded = chunk * W * cols * nbytes if rows % W else 0
+        total += padded + 3 * chunk * cols * nbytes + chunk * W * cols * nbytes
+    return total
 
 
 def runtime_bytes(device_type, inductor=False):
@@ -261,7 +275,8 @@ def estimate_training_memory(derived, *, device_batch_size, dtype, world_size=1,
     the plain full-logits path. compile: None = as base_train (on for cuda; sft and rl never compile).
     grad_accum_steps: None = total_batch_size // (device_batch_size * sequence_len * world_size), at least 1.
     -> {"per_device_bytes": int, "tensor_bytes": int (what torch.cuda.max_memory_allocated would show),
-        "peak_at": "forward" | "backward" | "optimizer" | "resume" | "rollout" (rl), "breakdown": {name: bytes}, "inputs": {...}}."""
+        "peak_at": "forward" | "backward" | "optimizer" | "resume" | "rollout" (rl only),
+        "breakdown": {name: bytes, summing to per_device_bytes}, "inputs": {what was assumed}}."""
     if stage not in ("base_train", "sft", "rl"):
         raise ValueError(f"stage {stage!r}: expected base_train, sft or rl")
     T = sequence_len or derived["sequence_len"]
@@ -277,7 +292,7 @@ def estimate_training_memory(derived, *, device_batch_size, dtype, world_size=1,
     acts = activation_bytes(derived, B, dtype, device_type, attention_backend, compile, T)["total"]
     loss = loss_bytes(derived, B, dtype, device_type, plain, compile, T)
     step = optimizer_step_bytes(derived, dtype, W)
-    batch = 2 * B * (T + 1) * 8                               # the loader's pinned (B, T+1) int64 inputs/targets
+    batch = 2 * B * (T + 1) * 8                               # the loader's (B, T+1) int64 tokens, and the next
     # grads of earlier micro-steps (RL backpropagates every pass of every example before its one step)
     held = grads if grad_accum_steps > 1 or stage == "rl" else 0
     parts = {"forward": {"grads": held, "activations": acts, "loss": loss["forward"]},
@@ -292,11 +307,13 @@ def estimate_training_memory(derived, *, device_batch_size, dtype, world_size=1,
     moments = {k: sum(v.values()) for k, v in parts.items()}
     static = model["params"] + model["buffers"] + optim + batch
     if device_type == "cpu":
-        # glibc keeps freed blocks (nanochat.common.keep_freed_memory), and the first step creates the optimizer
-        # state and gradients where that step's activations were: their holes are too small for the next step's
-        # activations, which land above them. The heap's high-water mark holds two generations of activations
-        # while a forward or backward runs (measured within 4%, bench/memory_check.py).
-        slack = {k: acts if k in ("forward", "backward") else 0 for k in moments}
+        # glibc keeps freed blocks (nanochat.common.keep_freed_memory), and the first step creates the gradients and
+        # the optimizer state where its activations were: the holes left there do not take the next step's
+        # activations, which land above them; a sharded step's collective buffers claim a region of their own too.
+        # From the second step on the heap's high-water mark holds a second generation of activations (a plateau
+        # from the third step; measured by bench/memory_check.py, and per phase with mallinfo2).
+        slack = {k: acts + collective_bytes(derived, dtype, W) if k in ("forward", "backward") else 0
+                 for k in moments}
     else:
         slack = {k: int(CUDA_ALLOCATOR_SLACK * (static + v)) for k, v in moments.items()}
     peak_at = max(moments, key=lambda k: moments[k] + slack[k])
@@ -306,8 +323,8 @@ def estimate_training_memory(derived, *, device_batch_size, dtype, world_size=1,
     runtime = runtime_bytes(device_type, inductor)
     slack = slack[peak_at]
     breakdown = {"params": model["params"], "buffers": model["buffers"] + batch, "optimizer": optim,
-                 "grads": 0, "activations": 0, "loss": 0, "optimizer_step": 0, "checkpoint": 0,
-                 **({"decode_weights": 0, "kv_cache": 0} if stage == "rl" else {}), **parts[peak_at], "allocator": slack, "runtime": runtime}
+                 **{k: 0 for part in parts.values() for k in part}, **parts[peak_at],
+                 "allocator": slack, "runtime": runtime}
     return {"per_device_bytes": tensors + slack + runtime, "tensor_bytes": tensors, "peak_at": peak_at,
             "breakdown": breakdown,
             "inputs": {"device_batch_size": B, "sequence_len": T, "dtype": dtype, "world_size": W,
@@ -363,8 +380,9 @@ def estimate_inference_memory(derived, *, batch_size, dtype, device_type="cuda",
     slack = 0 if device_type == "cpu" else int(CUDA_ALLOCATOR_SLACK * tensors)
     inductor = device_type == "cpu" and LOSS_CHUNK_ROWS * V >= LOSS_FUSED_MIN_ELEMENTS
     runtime = runtime_bytes(device_type, inductor)
-    breakdown = {"params": model["params"], "buffers": model["buffers"], "checkpoint": 0, "decode_weights": 0,
-                 "kv_cache": 0, "activations": 0, **parts[peak_at], "allocator": slack, "runtime": runtime}
+    breakdown = {"params": model["params"], "buffers": model["buffers"],
+                 **{k: 0 for part in parts.values() for k in part}, **parts[peak_at],
+                 "allocator": slack, "runtime": runtime}
     return {"per_device_bytes": tensors + slack + runtime, "tensor_bytes": tensors, "peak_at": peak_at,
             "breakdown": breakdown}
 
@@ -420,13 +438,10 @@ def memory_refusal(derived, capacity_bytes, *, device_batch_size, dtype, world_s
         advice = (f"and no device batch divides the total batch {derived['total_batch_size']} into rows of "
                   f"{est['inputs']['sequence_len']} tokens on {world_size} device(s)")
     else:
-        advice = (f"even device batch 1 needs {_one_row(derived, dtype, world_size, device_type, kwargs) / GiB:.1f} "
-                  "GiB: use more devices (the optimizer state shards over them) or a smaller model")
+        one = estimate_training_memory(derived, device_batch_size=1, dtype=dtype, world_size=world_size,
+                                       device_type=device_type, **kwargs)["per_device_bytes"]
+        advice = (f"even device batch 1 needs {one / GiB:.1f} GiB: use more devices (the optimizer state shards over "
+                  "them) or a smaller model")
     return (f"d{derived['n_layer']} at device batch {device_batch_size} x {est['inputs']['sequence_len']} tokens "
             f"needs {est['per_device_bytes'] / GiB:.1f} GiB per device ({parts} GiB), over {margin:.0%} of "
             f"{capacity_bytes / GiB:.1f} GiB; {advice}")
-
-
-def _one_row(derived, dtype, world_size, device_type, kwargs):
-    return estimate_training_memory(derived, device_batch_size=1, dtype=dtype, world_size=world_size,
-                                    device_type=device_type, **kwargs)["per_device_bytes"]
