@@ -37,6 +37,7 @@ MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
 MAX_BODY_BYTES = 1 << 20      # 1 MiB of JSON is far above the character limits
+SOCKET_TIMEOUT_SECONDS = 30   # a client silent this long (mid-body, or not reading a stream) is dropped
 DEFAULTS = {"temperature": 0.8, "top_k": 50, "max_tokens": 512}
 # the page may run only its own inline script/style and talk only to this server
 PAGE_CSP = ("default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
@@ -202,6 +203,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "nanorun"
     service = None   # set on the subclass make_server builds
     quiet = False
+    timeout = SOCKET_TIMEOUT_SECONDS   # socketserver applies it to the connection: no thread waits forever
 
     def log_message(self, fmt, *args):
         if not self.quiet:
@@ -212,7 +214,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.send_header("Access-Control-Allow-Origin", "*")
         self.end_headers()
         self.wfile.write(data)
 
@@ -254,7 +255,21 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError("a Content-Length header is required", status=411)
             if int(length) > MAX_BODY_BYTES:
                 raise RequestError(f"request body too large: {length} bytes (at most {MAX_BODY_BYTES})", status=413)
-            raw = self.rfile.read(int(length))
+            # application/json only: a cross-origin page must then pass a CORS preflight, which is never granted,
+            # so no web page can drive a local server (there is no Access-Control-Allow-Origin either)
+            ctype = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                raise RequestError(f"Content-Type must be application/json, got {ctype or 'none'!r}", status=415)
+            raw = bytearray()
+            try:
+                while len(raw) < int(length) and (part := self.rfile.read1(int(length) - len(raw))):
+                    raw += part
+            except TimeoutError:
+                pass
+            if len(raw) < int(length):
+                self.close_connection = True
+                raise RequestError(f"the request body ended or stalled after {len(raw)} of {length} bytes",
+                                   status=408)
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -303,7 +318,6 @@ class Handler(BaseHTTPRequestHandler):
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
-        self.send_header("Access-Control-Allow-Origin", "*")
         self.end_headers()   # HTTP/1.0: no length, the stream ends when the connection closes
         gen = s.generate(request, prompt)
         try:
@@ -320,13 +334,14 @@ class Handler(BaseHTTPRequestHandler):
                 send(dict(base, choices=[], usage={"prompt_tokens": len(prompt), "completion_tokens": count,
                                                    "total_tokens": len(prompt) + count}))
             send("[DONE]")
-        except (BrokenPipeError, ConnectionResetError):   # the client went away: stop generating, free the lock
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):   # client gone or stuck: stop, free the lock
             gen.close()
 
 
-def make_server(service, host="127.0.0.1", port=8000, quiet=False):
-    """A ThreadingHTTPServer bound to (host, port) serving `service`; call serve_forever() / shutdown()."""
-    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": quiet})
+def make_server(service, host="127.0.0.1", port=8000, quiet=False, timeout=SOCKET_TIMEOUT_SECONDS):
+    """A ThreadingHTTPServer bound to (host, port) serving `service`; call serve_forever() / shutdown().
+    timeout: seconds a connection may stay silent before it is dropped."""
+    handler = type("BoundHandler", (Handler,), {"service": service, "quiet": quiet, "timeout": timeout})
     server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
     return server

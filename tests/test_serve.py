@@ -220,6 +220,50 @@ def test_bad_http_level_requests(chat_url):
     assert get(chat_url, "/health")[0] == 200   # still serving
 
 
+def test_no_cross_origin_access(chat_url):
+    """No Access-Control-Allow-Origin anywhere, and only application/json bodies (which force a CORS preflight that
+    is never granted), so a web page cannot drive a local server."""
+    req = urllib.request.Request(chat_url + "/v1/chat/completions", headers={"Content-Type": "text/plain"},
+                                 data=json.dumps({"messages": user("hi"), "max_tokens": 2}).encode())
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=10)
+    assert e.value.code == 415 and "application/json" in json.loads(e.value.read())["error"]["message"]
+    status, out = post(chat_url, {"messages": user("hi"), "max_tokens": 2})
+    assert status == 200
+    with urllib.request.urlopen(chat_url + "/health", timeout=10) as r:
+        assert "Access-Control-Allow-Origin" not in r.headers
+    conn = http.client.HTTPConnection(chat_url.removeprefix("http://"), timeout=10)
+    conn.request("OPTIONS", "/v1/chat/completions", headers={"Origin": "http://evil.example",
+                                                              "Access-Control-Request-Method": "POST"})
+    response = conn.getresponse()
+    assert response.status >= 400 and response.getheader("Access-Control-Allow-Origin") is None
+    conn.close()
+
+
+def test_stalled_client_is_dropped(tiny_checkpoint, tiny_tokenizer_dir):
+    """A client that promises a body and stops sending gets 408 once the socket timeout passes; the server goes on."""
+    import socket
+    service, _ = load_service(tiny_checkpoint, tiny_tokenizer_dir, chat=True, device="cpu")
+    server = make_server(service, "127.0.0.1", 0, quiet=True, timeout=1.0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        sock = socket.create_connection(server.server_address[:2], timeout=20)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"messages\": [")
+        reply = b""
+        while chunk := sock.recv(4096):
+            reply += chunk
+        sock.close()
+        assert reply.startswith(b"HTTP/1.0 408") and b"stalled after 14 of 1000 bytes" in reply, reply[:300]
+        assert get(url, "/health")[0] == 200
+        status, out = post(url, {"messages": user("hi"), "max_tokens": 2})
+        assert status == 200 and out["choices"][0]["message"]["content"] is not None
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_concurrent_load(chat_url):
     """8 threads x 3 requests (half streaming) against one shared model: every response complete, no error."""
     results, errors = [], []
