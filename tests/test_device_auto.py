@@ -166,7 +166,7 @@ def test_measured_peaks_are_cached_per_machine(tmp_path, monkeypatch):
 
 def test_a_real_matmul_measurement_is_positive_and_bounded():
     peaks = probe.measure_matmul_peaks("cpu", ["float32"], sizes=(128, 256), rounds=1, budget_s=0.02)
-    assert 1e8 < peaks["float32"] < 1e14
+    assert 1e6 < peaks["float32"] < 1e14   # loose: a loaded 2-core CI machine is slow
 
 
 def test_injected_record_replaces_the_probe(pinned_capabilities):

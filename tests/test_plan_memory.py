@@ -37,12 +37,12 @@ def test_plan_json_carries_memory_for_every_torch_stage(nanorun_home):
 def test_auto_device_batch_follows_the_memory_and_keeps_the_total_batch():
     spec = specs.load(DEMO)
     roomy = make_plan(spec, caps=_cpu(24 * GiB))
-    assert roomy.derived["device_batch_size"] == 16 and roomy.derived["grad_accum_steps"] == 1
+    assert roomy.derived["device_batch_size"] == 8 and roomy.derived["grad_accum_steps"] == 1   # 4096 / 512
     # a machine with little memory: fewer rows per micro-step, more accumulation, the same optimizer step
     base = roomy.stage("base_train").memory
     small = make_plan(spec, caps=_cpu(int(base["per_device_bytes"] * 0.8 / 0.9)))
-    assert small.derived["device_batch_size"] < 16 and small.derived["total_batch_size"] == 8192
-    assert small.derived["grad_accum_steps"] == 16 // small.derived["device_batch_size"]
+    assert small.derived["device_batch_size"] < 8 and small.derived["total_batch_size"] == 4096
+    assert small.derived["grad_accum_steps"] == 8 // small.derived["device_batch_size"]
     assert small.stage("base_train").params["device_batch_size"] == small.derived["device_batch_size"]
     assert small.stage("base_train").key != roomy.stage("base_train").key
     assert small.stage("base_train").memory["fits"] is True
@@ -51,16 +51,17 @@ def test_auto_device_batch_follows_the_memory_and_keeps_the_total_batch():
 def test_explicit_device_batch_that_cannot_fit_is_refused_with_the_numbers(nanorun_home, tmp_path):
     spec = tmp_path / "big.yaml"
     text = open(DEMO).read().replace("device_batch_size: auto", "device_batch_size: 64") \
-        .replace("total_batch_size: 8192", "total_batch_size: 32768")
+        .replace("total_batch_size: 4096", "total_batch_size: 32768")
     spec.write_text(text)
+    line_no = next(i for i, line in enumerate(text.splitlines(), 1) if "device_batch_size: 64" in line)
     caps = tmp_path / "caps.json"
     caps.write_text(json.dumps({"cpu": _cpu(int(1.5 * GiB))}))
     for command in ("plan", "validate", "apply"):
         out = CliRunner(env={"NANORUN_CAPS": str(caps)}).invoke(main, [command, str(spec)])
         assert out.exit_code == 2, (command, out.output)
         line = out.output.strip().splitlines()[-1]
-        assert line.startswith(f"error: {spec}:34:22: train.device_batch_size: d4 at device batch 64 x 512 tokens "
-                               "needs ") if command != "validate" else line.startswith(f"{spec}:34:22: ")
+        assert line.startswith(f"error: {spec}:{line_no}:22: train.device_batch_size: d4 at device batch 64 x 512 tokens "
+                               "needs ") if command != "validate" else line.startswith(f"{spec}:{line_no}:22: ")
         assert "over 90% of 1.5 GiB; device batch" in line and "fits" in line
     assert not os.path.exists(os.path.join(nanorun_home, "runs"))
 
