@@ -164,6 +164,22 @@ def inductor_works(device):
     return _INDUCTOR_WORKS[device.type]
 
 
+def skip_vector_isa_probe():
+    """Before its first CPU kernel, inductor dry-builds and loads a test program for every vector ISA that
+    /proc/cpuinfo lists (AVX-512 VNNI, AVX-512, AVX2 here): ~10 s of gcc on a cold cache (14.7 -> 4.4 s for the
+    first loss kernel, measured), most of what compiling nanochat.loss costs in a short CPU run. The ISA it then
+    uses is the one ATen already runs its own kernels with (torch.backends.cpu.get_cpu_capability()), so the CPU
+    and the OS support it; trusting the flags (inductor's TORCHINDUCTOR_VEC_ISA_OK=1; the AVX-512 bf16/VNNI
+    sub-checks still run) leaves only the toolchain, and a build failure there sends the loss kernels and the
+    default-on optimizer compile (inductor_works) to eager, as before. A value the user set is kept."""
+    if "TORCHINDUCTOR_VEC_ISA_OK" in os.environ:
+        return
+    os.environ["TORCHINDUCTOR_VEC_ISA_OK"] = "1"
+    cfg = sys.modules.get("torch._inductor.config")  # read at import: set it too if inductor is loaded already
+    if cfg is not None and cfg.cpp.vec_isa_ok is None:
+        cfg.cpp.vec_isa_ok = True
+
+
 def compute_init(device_type=""):
     """Seed, pick the device and join the process group when launched by torchrun.
     Returns (ddp, rank, local_rank, world_size, device)."""
@@ -181,6 +197,8 @@ def compute_init(device_type=""):
     else:
         device = torch.device(device_type)
         keep_freed_memory()
+        if device_type == "cpu":
+            skip_vector_isa_probe()
     if ddp and not dist.is_initialized():
         if device_type == "cuda":
             dist.init_process_group(backend="nccl", device_id=device)

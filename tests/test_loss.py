@@ -210,3 +210,50 @@ def test_compiled_model_on_cpu_runs_the_chunked_loss_outside_the_graph(monkeypat
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+SKIP_PROBE_SCRIPT = r"""
+import os, sys, torch
+import torch._inductor.cpu_vec_isa as isa
+built = []
+original = isa.VecISA.check_build
+def recording(self, code):
+    built.append(code == isa.VecISA._avx_code)
+    return original(self, code)
+isa.VecISA.check_build = recording
+from nanochat.common import compute_init
+compute_init("cpu")
+print("env", os.environ.get("TORCHINDUCTOR_VEC_ISA_OK"))
+import nanochat.loss as L
+torch.manual_seed(0)
+h = torch.randn(256, 64, requires_grad=True)
+w = torch.randn(4096, 64, requires_grad=True)
+t = torch.randint(0, 4096, (256,))
+loss = L.softcap_cross_entropy(h, w, t, 4096, 15.0)
+assert L._compiled["cpu"] is not None, "the compiled kernel fell back to eager"
+ref = torch.nn.functional.cross_entropy(15 * torch.tanh(h @ w.t() / 15), t)
+print("diff", abs(loss.item() - ref.item()))
+print("generic_builds", sum(built))
+"""
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_cpu_stages_skip_inductors_vector_isa_dry_build(tmp_path, preset):
+    """compute_init on CPU trusts the ISA ATen runs with (TORCHINDUCTOR_VEC_ISA_OK=1: no ~10 s of test builds
+    before the first compile), the fused loss still compiles and matches, and a value the user set is kept."""
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_VEC_ISA_OK"}
+    env["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path / "inductor")  # cold: nothing built before
+    if preset is not None:
+        env["TORCHINDUCTOR_VEC_ISA_OK"] = preset
+    out = subprocess.run([sys.executable, "-c", SKIP_PROBE_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.split("\n") if line)
+    assert lines["env"] == (preset or "1")
+    assert float(lines["diff"]) < 1e-4
+    # no generic per-ISA dry build: trusted (without compute_init's default inductor would run one per ISA), or
+    # vectorization turned off by the user's "0"
+    assert int(lines["generic_builds"]) == 0
