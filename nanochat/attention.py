@@ -113,6 +113,16 @@ def _window_mask(Tq, Tk, window, device):
     return (cols <= rows) & (rows - cols <= window)
 
 
+@functools.lru_cache(maxsize=8)
+def _additive_mask(Tq, Tk, window, device, dtype):
+    """_window_mask as 0 / -inf in the compute dtype, built once per shape: the masked calls (KV-cache chunks in
+    CORE's shared-prefix scoring, sliding windows) rebuilt it in every layer of every forward (~4 s of a CPU
+    base_eval), and SDPA on CPU runs an additive mask faster than a boolean one (5.8 vs 9.1 ms at 400 x 400).
+    No row is fully masked (every query sees itself)."""
+    allowed = _window_mask(Tq, Tk, window, device)
+    return torch.zeros(Tq, Tk, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+
+
 def sdpa_attention(q, k, v, window):
     """q (B,Tq,H,D), k/v (B,Tk,Hkv,D) where the Tq queries are the LAST Tq of the Tk positions."""
     Tq, H = q.size(1), q.size(2)
@@ -128,7 +138,7 @@ def sdpa_attention(q, k, v, window):
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, enable_gqa=gqa)
     else:
-        mask = _window_mask(Tq, Tk, window, q.device)
+        mask = _additive_mask(Tq, Tk, window, q.device, q.dtype)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            attn_mask=mask, enable_gqa=gqa)
     return y.transpose(1, 2)
