@@ -1,6 +1,6 @@
 """
-Child-side bootstrap of the code sandbox; run only by nanochat.execution.execute_code as
-`python -I -S -B _sandbox_bootstrap.py '<json config>'` (see execution.py for the design). Stdlib only.
+Child-side bootstrap of the code sandbox; run only by nanochat.sandbox.execute_code as
+`python -I -S -B _sandbox_bootstrap.py '<json config>'` (see sandbox.py for the design). Stdlib only.
 
 Process tree when isolation is available (we are root and unshare works):
   supervisor (root, our namespaces)      forwards SIGTERM as SIGKILL to init, reports the code's exit status

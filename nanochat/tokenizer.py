@@ -80,9 +80,9 @@ def _validate_ranks(ranks):
         raise ValueError("tokenizer ranks are not a dense range 0..N-1")
 
 
-def _hf_pre_tokenizer():
+def _hf_pre_tokenizer(pattern=SPLIT_PATTERN):
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
 
@@ -107,11 +107,11 @@ def _recover_merges(ranks):
     return merges
 
 
-def _hf_from_ranks(ranks, merges):
+def _hf_from_ranks(ranks, merges, pattern=SPLIT_PATTERN):
     """An HF tokenizer with exactly our ids (bytes by value, merges in order, specials last)."""
     vocab = {_bytes_to_hf_string(tok): rank for tok, rank in ranks.items()}
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    hf.pre_tokenizer = _hf_pre_tokenizer()
+    hf.pre_tokenizer = _hf_pre_tokenizer(pattern)
     hf.decoder = decoders.ByteLevel()
     hf.add_special_tokens(SPECIAL_TOKENS)
     return hf
@@ -178,7 +178,7 @@ class Tokenizer:
 
     def hf_tokenizer(self):
         """The equivalent `tokenizers.Tokenizer` (same ids); slow, for checks and export."""
-        return _hf_from_ranks(self.mergeable_ranks, self.merges)
+        return _hf_from_ranks(self.mergeable_ranks, self.merges, self.pattern)
 
     # --- encode / decode -----------------------------------------------------
 

@@ -18,19 +18,15 @@ import time
 
 import duckdb
 
+from nanochat import rundir
 from specs.errors import RegistryError
 
 # -----------------------------------------------------------------------------
-# Paths (re-implemented from nanochat.common.get_base_dir: registry must not import torch)
-
-
-def get_home():
-    """$NANORUN_HOME or ~/.cache/nanorun (not created here)."""
-    return os.environ.get("NANORUN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "nanorun")
+# Path (the home is the run-directory contract's, nanochat.rundir: torch-free)
 
 
 def registry_path(home=None):
-    return os.path.join(home or get_home(), "registry.duckdb")
+    return os.path.join(home or rundir.home(), "registry.duckdb")
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ import time
 
 import pyarrow as pa
 
-from registry.db import RegistryLocked, connect, get_home, registry_path
+from nanochat import rundir
+from registry.db import RegistryLocked, connect, registry_path
 from specs.errors import RegistryError
 
 # Arrow schemas, one per table, in the column order of registry.db
@@ -63,9 +64,15 @@ def _float(x):
 
 def _int(x):
     try:
-        return int(x)
-    except (TypeError, ValueError):
+        x = int(x)
+    except (TypeError, ValueError, OverflowError):  # None, "abc", inf
         return None
+    return x if -2 ** 63 <= x < 2 ** 63 else None  # a BIGINT column
+
+
+def _text(x):
+    """A text column's value: strings as they are, anything else a hand edit put there as its JSON."""
+    return x if x is None or isinstance(x, str) else json.dumps(x, default=str)
 
 
 def _plan_depth(plan):
@@ -102,52 +109,37 @@ def _find_depth(obj):
 def read_events(path, key, out):
     """Append the metric/eval/sample lines of one events.jsonl to the column dicts in `out`.
     A line that does not parse (the partial last line of a running stage) is skipped."""
-    try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        return
     metrics, evals, samples = out["metrics"], out["evals"], out["samples"]
-    with f:
-        for lineno, line in enumerate(f):
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(event, dict):
-                continue
-            kind, t, step = event.get("kind"), _float(event.get("time")), _int(event.get("step"))
-            if kind == "metric":
-                for name, value in (event.get("values") or {}).items():
-                    metrics["key"].append(key)
-                    metrics["step"].append(step)
-                    metrics["name"].append(name)
-                    metrics["value"].append(_float(value))
-                    metrics["time"].append(t)
-            elif kind == "eval":
-                evals["key"].append(key)
-                evals["step"].append(step)
-                for col in ("suite", "task", "metric"):
-                    evals[col].append(None if event.get(col) is None else str(event[col]))
-                evals["value"].append(_float(event.get("value")))
-                evals["n"].append(_int(event.get("n")))
-                evals["time"].append(t)
-            elif kind == "sample":
-                samples["key"].append(key)
-                samples["step"].append(step)
-                samples["prompt"].append(None if event.get("prompt") is None else str(event["prompt"]))
-                samples["text"].append(None if event.get("text") is None else str(event["text"]))
-                samples["time"].append(t)
-                samples["line"].append(lineno)
+    for lineno, event in rundir.read_events(path):
+        kind, t, step = event.get("kind"), _float(event.get("time")), _int(event.get("step"))
+        if kind == "metric":
+            values = event.get("values")
+            for name, value in (values if isinstance(values, dict) else {}).items():
+                metrics["key"].append(key)
+                metrics["step"].append(step)
+                metrics["name"].append(name)
+                metrics["value"].append(_float(value))
+                metrics["time"].append(t)
+        elif kind == "eval":
+            evals["key"].append(key)
+            evals["step"].append(step)
+            for col in ("suite", "task", "metric"):
+                evals[col].append(None if event.get(col) is None else str(event[col]))
+            evals["value"].append(_float(event.get("value")))
+            evals["n"].append(_int(event.get("n")))
+            evals["time"].append(t)
+        elif kind == "sample":
+            samples["key"].append(key)
+            samples["step"].append(step)
+            samples["prompt"].append(None if event.get("prompt") is None else str(event["prompt"]))
+            samples["text"].append(None if event.get("text") is None else str(event["text"]))
+            samples["time"].append(t)
+            samples["line"].append(lineno)
 
 
-def read_result(path, key, stage, out):
-    try:
-        with open(path, encoding="utf-8") as f:
-            result = json.load(f)
-    except (FileNotFoundError, ValueError):
-        return
+def read_result(directory, key, stage, out):
     results = out["stage_results"]
-    for name, value in (result.get("metrics") or {}).items():
+    for name, value in rundir.result_metrics(rundir.read_result(directory)).items():
         results["key"].append(key)
         results["stage"].append(stage)
         results["name"].append(name)
@@ -159,64 +151,30 @@ def read_result(path, key, stage, out):
             results["value_text"].append(value if isinstance(value, str) else json.dumps(value, default=str))
 
 
-def _stage_dir(home, recorded):
-    """The stage directory as recorded, or under this home if the tree was moved/copied."""
-    if recorded and os.path.isdir(recorded):
-        return recorded
-    if recorded:
-        moved = os.path.join(home, "stages", os.path.basename(os.path.normpath(recorded)))
-        if os.path.isdir(moved):
-            return moved
-    return recorded
-
-
-def _check_shape(run, path):
-    """run.json must be an object whose parts have the types the runner writes; anything else is a malformed run
-    directory (skipped with a warning by a rebuild/sync), never an AttributeError deep in an ingest."""
-    def bad(what):
-        raise RegistryError(f"{path}: malformed run.json ({what})")
-    if not isinstance(run, dict):
-        bad(f"a JSON {type(run).__name__}, not an object")
-    for name, kinds in (("stages", list), ("hardware", dict), ("tags", list), ("plan", dict),
-                        ("run_id", str), ("name", str), ("status", str)):
-        if run.get(name) is not None and not isinstance(run[name], kinds):
-            bad(f"{name!r} is a {type(run[name]).__name__}, not a {kinds.__name__}")
-    for i, stage in enumerate(run.get("stages") or []):
-        if not isinstance(stage, dict):
-            bad(f"stages[{i}] is a {type(stage).__name__}, not an object")
-        for name in ("key", "stage", "dir", "status"):
-            if stage.get(name) is not None and not isinstance(stage[name], str):
-                bad(f"stages[{i}].{name} is a {type(stage[name]).__name__}, not a string")
-
-
 def read_run(run_dir, home, out, seen_keys):
     """Append one run's rows to `out` (column dicts per table). Stage keys already in `seen_keys` are not
     re-read (shared stage directories). Returns (run_id, [stage keys])."""
     path = os.path.join(run_dir, "run.json")
     try:
-        with open(path, encoding="utf-8") as f:
-            run = json.load(f)
+        run = rundir.read_run(run_dir)
         mtime = os.stat(path).st_mtime
-    except FileNotFoundError:
-        raise RegistryError(f"{path}: no run.json (not a run directory)") from None
-    except ValueError as e:
-        raise RegistryError(f"{path}: not valid JSON ({e})") from None
-    _check_shape(run, path)
+    except (rundir.RunDirError, FileNotFoundError) as e:  # gone between the listing and the read
+        raise RegistryError(str(e) if isinstance(e, rundir.RunDirError) else f"{path}: no run.json") from None
     run_id = run.get("run_id") or os.path.basename(os.path.normpath(run_dir))
     if run_id in out["runs"]["run_id"]:
         raise RegistryError(f"{path}: run_id {run_id} is also used by another run directory (a copy?)")
     hardware = run.get("hardware") or {}
     plan = run.get("plan")
     row = {
-        "run_id": run_id, "name": run.get("name"), "spec_path": run.get("spec_path"),
-        "spec_hash": run.get("spec_hash"), "spec_yaml": run.get("spec_yaml"),
+        "run_id": run_id, "name": _text(run.get("name")), "spec_path": _text(run.get("spec_path")),
+        "spec_hash": _text(run.get("spec_hash")), "spec_yaml": _text(run.get("spec_yaml")),
         "plan_json": None if plan is None else json.dumps(plan, sort_keys=True, default=str),
-        "status": run.get("status"), "created_at": _float(run.get("created_at")),
+        "status": _text(run.get("status")), "created_at": _float(run.get("created_at")),
         "started_at": _float(run.get("started_at")), "finished_at": _float(run.get("finished_at")),
-        "git_commit": run.get("git_commit"), "host": run.get("host"),
+        "git_commit": _text(run.get("git_commit")), "host": _text(run.get("host")),
         "nodes": _int(hardware.get("nodes")), "gpus_per_node": _int(hardware.get("gpus_per_node")),
-        "gpu": hardware.get("gpu"), "usd_per_gpu_hour": _float(hardware.get("usd_per_gpu_hour")),
-        "device_type": hardware.get("device_type"), "tags": [str(t) for t in run.get("tags") or []],
+        "gpu": _text(hardware.get("gpu")), "usd_per_gpu_hour": _float(hardware.get("usd_per_gpu_hour")),
+        "device_type": _text(hardware.get("device_type")), "tags": [str(t) for t in run.get("tags") or []],
         "seed": _int(run.get("seed")), "depth": _plan_depth(plan), "run_dir": os.path.abspath(run_dir),
         "run_json_mtime": mtime, "ingested_at": time.time(),
     }
@@ -225,11 +183,11 @@ def read_run(run_dir, home, out, seen_keys):
     keys = []
     for idx, stage in enumerate(run.get("stages") or []):
         key, name = stage.get("key"), stage.get("stage")
-        directory = _stage_dir(home, stage.get("dir"))
+        directory = rundir.locate_stage_dir(stage.get("dir"), home)
         srow = {"run_id": run_id, "idx": idx, "stage": name, "key": key, "status": stage.get("status"),
                 "started_at": _float(stage.get("started_at")), "finished_at": _float(stage.get("finished_at")),
                 "wall_seconds": _float(stage.get("wall_seconds")), "exit_code": _int(stage.get("exit_code")),
-                "error": stage.get("error"), "dir": directory}
+                "error": _text(stage.get("error")), "dir": directory}
         for col, value in srow.items():
             out["stages"][col].append(value)
         if key is None or key in seen_keys:
@@ -238,7 +196,7 @@ def read_run(run_dir, home, out, seen_keys):
         keys.append(key)
         if directory:
             read_events(os.path.join(directory, "events.jsonl"), key, out)
-            read_result(os.path.join(directory, "result.json"), key, name, out)
+            read_result(directory, key, name, out)
     return run_id, keys
 
 
@@ -278,11 +236,7 @@ def write_batch(con, out, run_ids, keys):
 
 
 def _run_dirs(home):
-    runs = os.path.join(home, "runs")
-    if not os.path.isdir(runs):
-        return []
-    return sorted(os.path.join(runs, d) for d in os.listdir(runs)
-                  if os.path.isfile(os.path.join(runs, d, "run.json")))
+    return [rundir.run_dir(run_id, home) for run_id in rundir.run_ids(home)]
 
 
 def read_runs(home, run_dirs, strict=True):
@@ -323,7 +277,7 @@ def ingest_run(run_dir, home=None, timeout=10.0):
 
 def ingest_all(home=None, timeout=10.0):
     """Ingest every run directory under <home>/runs; returns the run ids."""
-    home = home or get_home()
+    home = home or rundir.home()
     return _write(registry_path(home), read_runs(home, _run_dirs(home), strict=False), timeout)
 
 
@@ -331,7 +285,7 @@ def sync(home=None, timeout=10.0):
     """Ingest runs that are new, whose run.json changed since their last ingest, or that are still
     pending/running (their events grow without run.json changing); drop runs whose directory is gone.
     Returns the ingested run ids."""
-    home = home or get_home()
+    home = home or rundir.home()
     path = registry_path(home)
     con = connect(path, timeout=timeout)
     try:
@@ -380,7 +334,7 @@ def _remove_dead_temps(path):
 def rebuild(home=None, timeout=10.0):
     """Recreate registry.duckdb from the run directories. The new database is built in a temp file and
     renamed over the old one, so a crash mid-rebuild leaves the old database intact. Returns the run ids."""
-    home = home or get_home()
+    home = home or rundir.home()
     path = registry_path(home)
     tmp = f"{path}.rebuild-{os.getpid()}"
     _remove_dead_temps(path)

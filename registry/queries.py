@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import duckdb
 
+from nanochat import rundir
 from registry.db import connect, registry_path
 from specs.errors import RegistryError
 
@@ -60,18 +61,12 @@ def list_runs(home=None, limit=None):
         return _dicts(con.execute(sql))
 
 
-def resolve_run_id(con, ref):
-    """An exact run id, a unique prefix of one, or a spec name (its newest run)."""
-    matches = con.execute("SELECT run_id, name FROM runs WHERE starts_with(run_id, ?) "
-                          "ORDER BY created_at DESC NULLS LAST", [ref]).fetchall()
-    if any(run_id == ref for run_id, _ in matches):
-        return ref
-    if not matches:
-        raise RegistryError(f"unknown run '{ref}' (see `nanorun runs`)")
-    if len(matches) > 1 and not all(name == ref for _, name in matches):
-        shown = ", ".join(run_id for run_id, _ in matches[:5]) + (", ..." if len(matches) > 5 else "")
-        raise RegistryError(f"ambiguous run '{ref}' matches {len(matches)} runs: {shown}")
-    return matches[0][0]
+def resolve_run_id(con, ref, home=None):
+    """The run `ref` names (an exact id, a spec name: its newest run, or a unique id prefix), by the one rule of
+    nanochat.rundir.match_run; an unknown or ambiguous reference raises its RunDirError (bad input)."""
+    runs = {run_id: {"name": name, "created_at": created_at} for run_id, name, created_at in
+            con.execute("SELECT run_id, name, created_at FROM runs").fetchall()}
+    return rundir.match_run(ref, runs, rundir.runs_dir(home))
 
 
 def _result_value(value_double, value_text):
@@ -87,7 +82,7 @@ def get_run(ref, home=None, num_samples=5):
     """Everything about one run: the run row and summary, its stages (each with result metrics and the last
     logged value of every metric), the CORE per-task table and the last samples."""
     with reader(home) as con:
-        run_id = resolve_run_id(con, ref)
+        run_id = resolve_run_id(con, ref, home)
         run = _dicts(con.execute("SELECT * FROM runs WHERE run_id = ?", [run_id]))[0]
         run["plan"] = json.loads(run.pop("plan_json")) if run.get("plan_json") else None
         summary = _dicts(con.execute("SELECT * FROM leaderboard WHERE run_id = ?", [run_id]))[0]
@@ -137,11 +132,12 @@ LEADERBOARD_COLUMNS = ["rank", "qualified", "name", "hardware", "n", "hours", "h
                        "core_std", "cost_usd", "total_flops", "finished_at", "git_commit", "run_ids", "reason"]
 
 
-def leaderboard(home=None, qualified_only=False):
+def leaderboard(home=None, qualified_only=False, timeout=10.0):
     """nanochat's time-to-GPT-2. Runs with a full CORE >= 0.256525 are grouped per (spec name, hardware) with
     mean +- sample std over seeds, ranked by mean training hours (training steps only). Unless qualified_only,
-    every other run follows, one row each, with rank None and the reason it does not qualify."""
-    with reader(home) as con:
+    every other run follows, one row each, with rank None and the reason it does not qualify. RegistryLocked
+    after `timeout` seconds of a writer holding the file."""
+    with reader(home, timeout) as con:
         rows = _dicts(con.execute(
             """SELECT NULL AS rank, true AS qualified, name, hardware, count(*) AS n,
                    avg(hours) AS hours, stddev_samp(hours) AS hours_std, avg(val_bpb) AS val_bpb,

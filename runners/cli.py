@@ -14,11 +14,14 @@ import sys
 
 import click
 
+from nanochat.rundir import RunDirError
 from specs.errors import NanorunError
 
 
 class NanorunGroup(click.Group):
-    """Turns a NanorunError into one line on stderr and its exit code; anything else is a bug and keeps its traceback."""
+    """Turns a NanorunError into one line on stderr and its exit code, and a RunDirError (an unusable file of the run
+    tree, an unknown or ambiguous run: nanochat's error, it cannot import specs) into one line and exit 2 (bad
+    input); anything else is a bug and keeps its traceback."""
 
     def invoke(self, ctx):
         try:
@@ -26,6 +29,9 @@ class NanorunGroup(click.Group):
         except NanorunError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except RunDirError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
 
 
 @click.group(cls=NanorunGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -41,6 +47,8 @@ def _register():
     from runners import cli_data, cli_eval  # noqa: F401
     from runners import cli_serve  # noqa: F401
     from runners import cli_doctor  # noqa: F401
+    from runners import cli_study  # noqa: F401
+    from runners import cli_interop  # noqa: F401
 
 
 _register()

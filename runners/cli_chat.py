@@ -15,17 +15,14 @@ once the model is loaded.
 """
 
 import os
-import re
 import sys
 
 import click
 
+from nanochat import rundir
+from nanochat.rundir import CHAT_STAGES
 from runners.cli import main
-from runners.plan import get_home
 from specs.errors import NanorunError
-from tui.data import load_run, read_json
-
-CHAT_STAGES = ("sft", "rl")   # stages trained on rendered conversations (they know the chat tokens)
 
 
 class ChatInputError(NanorunError):
@@ -34,62 +31,7 @@ class ChatInputError(NanorunError):
 
 
 # -----------------------------------------------------------------------------
-# Finding a run's checkpoint and tokenizer (run.json and the stage directories; no torch)
-
-
-def _run_ids(home):
-    root = os.path.join(home, "runs")
-    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "run.json"))) \
-        if os.path.isdir(root) else []
-
-
-def _has_checkpoint(directory):
-    """A directory with at least one complete step (model_N.pt + meta_N.json), checked without torch."""
-    try:
-        names = set(os.listdir(directory))
-    except (FileNotFoundError, NotADirectoryError, TypeError):
-        return False
-    return any((m := re.fullmatch(r"meta_(\d+)\.json", n)) and f"model_{m.group(1)}.pt" in names for n in names)
-
-
-def run_checkpoints(run):
-    """[(stage, checkpoint_dir)] of a loaded run (tui.data.load_run), preferred first: chat stages, then the
-    latest other stage. A stage still training counts once it has saved a step (its checkpoints/ folder)."""
-    found = []
-    for stage in reversed(run.get("stages") or []):
-        outputs = (stage.get("result") or {}).get("outputs") or {}
-        directory = outputs.get("checkpoint_dir") or os.path.join(stage["path"], "checkpoints")
-        if _has_checkpoint(directory):
-            found.append((stage.get("stage") or "?", directory))
-    return sorted(found, key=lambda sc: sc[0] not in CHAT_STAGES)   # stable: latest first within each group
-
-
-def run_tokenizer(run):
-    """The tokenizer directory of a loaded run (its tok_train output), or None."""
-    for stage in run.get("stages") or []:
-        outputs = (stage.get("result") or {}).get("outputs") or {}
-        if outputs.get("tokenizer_dir"):
-            return outputs["tokenizer_dir"]
-        if stage.get("stage") == "tok_train" and os.path.isfile(os.path.join(stage["path"], "tokenizer",
-                                                                             "tokenizer.pkl")):
-            return os.path.join(stage["path"], "tokenizer")
-    return None
-
-
-def find_run(home, ref):
-    """The run id for an exact id, a unique prefix or a spec name (its newest run)."""
-    ids = _run_ids(home)
-    if ref in ids:
-        return ref
-    runs = {i: read_json(os.path.join(home, "runs", i, "run.json"), {}) or {} for i in ids}
-    by_name = [i for i, r in runs.items() if r.get("name") == ref]
-    matches = by_name or [i for i in ids if i.startswith(ref)]
-    if not matches:
-        raise ChatInputError(f"unknown run '{ref}' (no run directory in {os.path.join(home, 'runs')}; "
-                             "see `nanorun runs`)")
-    if len(matches) > 1 and not by_name:
-        raise ChatInputError(f"ambiguous run '{ref}' matches {len(matches)} runs: {', '.join(matches[:5])}")
-    return max(matches, key=lambda i: runs[i].get("created_at") or 0)
+# Finding a run's checkpoint and tokenizer (run.json and the stage directories, by nanochat.rundir; no torch)
 
 
 def resolve_target(home, run=None, checkpoint_dir=None, tokenizer_dir=None):
@@ -98,16 +40,16 @@ def resolve_target(home, run=None, checkpoint_dir=None, tokenizer_dir=None):
     run_id, stage, record = None, None, None
     if run is not None or checkpoint_dir is None or tokenizer_dir is None:
         if run is not None:
-            run_id = find_run(home, run)
-            record = load_run(home, run_id)
+            run_id, _ = rundir.find_run(run, home)   # RunDirError (exit 2) naming an unusable run.json
+            record = rundir.load_run(run_id, home)
         else:
             candidates = []
-            for i in _run_ids(home):
+            for i in rundir.run_ids(home):
                 try:
-                    r = load_run(home, i)
-                except FileNotFoundError:   # a torn run.json: not a candidate
+                    r = rundir.load_run(i, home)
+                except rundir.RunDirError:   # an unusable run.json: not a candidate
                     continue
-                if run_checkpoints(r):
+                if rundir.run_checkpoints(r):
                     candidates.append(r)
             if not candidates:
                 raise ChatInputError(f"no run with a checkpoint under {os.path.join(home, 'runs')} "
@@ -115,17 +57,17 @@ def resolve_target(home, run=None, checkpoint_dir=None, tokenizer_dir=None):
             record = max(candidates, key=lambda r: r.get("created_at") or 0)
             run_id = record["run_id"]
     if checkpoint_dir is None:
-        found = run_checkpoints(record)
+        found = rundir.run_checkpoints(record)
         if not found:
             raise ChatInputError(f"run {run_id} has no checkpoint yet (no stage has saved a model step)")
         stage, checkpoint_dir = found[0]
-    elif not _has_checkpoint(checkpoint_dir):
+    elif not rundir.checkpoint_steps(checkpoint_dir):
         raise ChatInputError(f"no checkpoint in {checkpoint_dir} (expected model_NNNNNN.pt + meta_NNNNNN.json)")
     else:   # a stage directory is named <stage>-<key>, its checkpoints live in <stage dir>/checkpoints
         parent = os.path.basename(os.path.dirname(os.path.abspath(checkpoint_dir)))
         stage = parent.split("-")[0] if "-" in parent else None
     if tokenizer_dir is None:
-        tokenizer_dir = run_tokenizer(record)
+        tokenizer_dir = rundir.run_tokenizer(record)
         if tokenizer_dir is None:
             raise ChatInputError(f"run {run_id} has no tokenizer (no tok_train output); pass --tokenizer-dir")
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.pkl")):
@@ -237,5 +179,5 @@ def chat_command(run, prompt, temperature, top_k, max_tokens, step, checkpoint_d
 
     Example: nanorun chat cpu_demo -p "The capital of France is" -t 0
     """
-    target = resolve_target(home or get_home(), run, checkpoint_dir, tokenizer_dir)
+    target = resolve_target(home or rundir.home(), run, checkpoint_dir, tokenizer_dir)
     chat(target, prompt=prompt, temperature=temperature, top_k=top_k, max_tokens=max_tokens, step=step)

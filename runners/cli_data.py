@@ -105,8 +105,8 @@ def core_bundle_command(download, bigbench, dest):
 
     Example: nanorun data core-bundle --bigbench
     """
-    from runners.plan import get_home
-    home = get_home()
+    from nanochat import rundir
+    home = rundir.home()
     dest = os.path.abspath(dest or os.path.join(home, "eval_bundle"))
     packages = os.path.join(home, "packages")
     if download and bigbench:

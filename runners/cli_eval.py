@@ -5,24 +5,24 @@
     nanorun eval cpu_demo-1a2b --suite core --max-per-task 100 --nproc 2 --yes
     nanorun eval cpu_demo --suite chat --max-per-task 50 --yes      # the run's sft (or rl) model, chat_eval stage
 
-The run is found in $NANORUN_HOME/runs (id, unique prefix or spec name), its base_train checkpoints, tok_train
-tokenizer and data directory are taken from run.json, and the evaluation runs as the base_eval stage
-(`torchrun -m nanochat.stages.base_eval --config ...`) in a new content-addressed directory
-stages/base_eval-<key8>, key = sha256(checkpoint dir, step, suite, options). A key that already has a result.json
-is reused. `--suite chat` evaluates the run's chat model (the rl checkpoints when the run has an rl stage, else
-sft) as the chat_eval stage in stages/chat_eval-<key8>, with the run's chat_eval options. The evaluation is appended to run.json (under the run's lock, tmp + rename) as a stage entry marked
-"adhoc": true, and the run is re-ingested so `nanorun show RUN` lists the new metrics. No torch in this process.
+The run is found in $NANORUN_HOME/runs (id, unique prefix or spec name: nanochat.rundir.find_run), its base_train
+checkpoints, tok_train tokenizer and data directory are taken from run.json, and the evaluation runs as the
+base_eval stage (`torchrun -m nanochat.stages.base_eval --config ...`, launched by runners.execute.launch_stage as
+`apply` launches its stages) in a new content-addressed directory stages/base_eval-<key8>, key = the stage key of
+(checkpoint dir, step, suite, options, process count, dtype). A key that already has a result.json is reused.
+`--suite chat` evaluates the run's chat model (the rl checkpoints when the run has an rl stage, else sft) as the
+chat_eval stage in stages/chat_eval-<key8>, with the run's chat_eval options. The evaluation is appended to
+run.json (under the run's lock, tmp + rename) as a stage entry marked "adhoc": true, and the run is re-ingested so
+`nanorun show RUN` lists the new metrics. No torch in this process.
 """
 
-import hashlib
-import json
 import os
-import re
 import sys
 import time
 
 import click
 
+from nanochat import rundir
 from runners.cli import main
 from specs.errors import LaunchError, NanorunError
 
@@ -39,43 +39,10 @@ class EvalInputError(NanorunError):
 # Finding a run and its inputs (run directories only: the registry is derived from them)
 
 
-def _read_json(path):
-    with open(path) as f:
-        return json.load(f)
-
-
-def find_run(ref, home):
-    """(run_dir, record) for an exact run id, a unique prefix of one, or a spec name (its newest run)."""
-    runs = os.path.join(home, "runs")
-    names = sorted(d for d in os.listdir(runs) if os.path.isfile(os.path.join(runs, d, "run.json"))) \
-        if os.path.isdir(runs) else []
-    if ref in names:
-        return os.path.join(runs, ref), _read_json(os.path.join(runs, ref, "run.json"))
-    records = {}
-    for name in names:
-        try:
-            records[name] = _read_json(os.path.join(runs, name, "run.json"))
-        except (OSError, ValueError):
-            continue  # an unreadable record cannot be evaluated anyway
-    by_name = [n for n, r in records.items() if r.get("name") == ref]
-    matches = by_name or [n for n in records if n.startswith(ref)]
-    if not matches:
-        raise EvalInputError(f"unknown run '{ref}' (no run directory in {runs}; see `nanorun runs`)")
-    if len(matches) > 1 and not by_name:
-        shown = ", ".join(matches[:5]) + (", ..." if len(matches) > 5 else "")
-        raise EvalInputError(f"ambiguous run '{ref}' matches {len(matches)} runs: {shown}")
-    newest = max(matches, key=lambda n: records[n].get("created_at") or 0)
-    return os.path.join(runs, newest), records[newest]
-
-
 def _stage_dir(record, stage, home):
     """The directory of the run's last `stage` entry (as recorded, or under this home if the tree moved)."""
     entries = [s for s in record.get("stages") or [] if s.get("stage") == stage and s.get("dir")]
-    if not entries:
-        return None
-    recorded = entries[-1]["dir"]
-    moved = os.path.join(home, "stages", os.path.basename(os.path.normpath(recorded)))
-    return recorded if os.path.isdir(recorded) or not os.path.isdir(moved) else moved
+    return rundir.locate_stage_dir(entries[-1]["dir"], home) if entries else None
 
 
 def _plan_params(record, stage):
@@ -97,15 +64,6 @@ def _plan_env(record):
     return {"NANOCHAT_DTYPE": str(dtype)} if dtype else {}
 
 
-def list_steps(ckpt_dir):
-    """Complete checkpoint steps (meta_NNNNNN.json written last, beside model_NNNNNN.pt), ascending.
-    Same rule as nanochat.checkpoint.list_steps, which this torch-free module cannot import."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    steps = [int(m.group(1)) for f in os.listdir(ckpt_dir) if (m := re.fullmatch(r"meta_(\d+)\.json", f))]
-    return sorted(s for s in steps if os.path.exists(os.path.join(ckpt_dir, f"model_{s:06d}.pt")))
-
-
 # -----------------------------------------------------------------------------
 # The evaluation as a stage: config, key, run, record
 
@@ -122,14 +80,7 @@ def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None,
     if not train_dir:
         raise EvalInputError(f"run {run_id} has no base_train stage: nothing to evaluate")
     ckpt_dir = os.path.join(train_dir, "checkpoints")
-    steps = list_steps(ckpt_dir)
-    if not steps:
-        raise EvalInputError(f"run {run_id} has no checkpoints yet (nothing complete in {ckpt_dir})")
-    if step is None:
-        step = steps[-1]  # resolved now, so the key names a fixed checkpoint even while training goes on
-    elif step not in steps:
-        raise EvalInputError(f"run {run_id} has no checkpoint at step {step} (available steps: "
-                             f"{', '.join(map(str, steps))})")
+    step = _pick_step(run_id, ckpt_dir, step)
     tok_dir = _stage_dir(record, "tok_train", home)
     if not tok_dir or not os.path.isdir(os.path.join(tok_dir, "tokenizer")):
         raise EvalInputError(f"run {run_id} has no trained tokenizer (tok_train stage {tok_dir or 'missing'})")
@@ -151,7 +102,7 @@ def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None,
 
 
 def _pick_step(run_id, ckpt_dir, step):
-    steps = list_steps(ckpt_dir)
+    steps = rundir.checkpoint_steps(ckpt_dir)
     if not steps:
         raise EvalInputError(f"run {run_id} has no checkpoints yet (nothing complete in {ckpt_dir})")
     if step is None:
@@ -189,27 +140,26 @@ def _eval_stage(config):
 
 
 def eval_key(config, nproc, env=None):
-    """sha256 of everything that decides the result: checkpoint dir + step, suite, options, process count
-    (bits per byte rounds its token budget to whole steps of nproc ranks) and environment (dtype)."""
-    payload = {"stage": _eval_stage(config), "adhoc": EVAL_KEY_VERSION, "config": config, "nproc": nproc, "env": env or {}}
-    blob = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """The stage key (runners.plan.stage_key, the one key scheme) of everything that decides the result: checkpoint
+    dir + step, suite, options, process count (bits per byte rounds its token budget to whole steps of nproc ranks)
+    and environment (dtype); "adhoc" keeps it apart from a planned stage with the same options."""
+    from runners.plan import stage_key
+    return stage_key(_eval_stage(config), {**config, "adhoc": EVAL_KEY_VERSION, "nproc": nproc}, [], env)
 
 
 def record_eval(run_dir, entry, timeout=30.0):
     """Add (or replace, by key) a stage entry in run.json under the run's lock: read, update, tmp + rename.
     The lock is the one `nanorun apply` holds for its whole run, since an apply rewrites run.json from memory."""
-    from runners.execute import _atomic_write_json, _Lock
+    from runners.execute import Lock
     run_id = os.path.basename(os.path.normpath(run_dir))
     deadline = time.time() + timeout
     while True:
         try:
-            with _Lock(run_dir, f"run {run_id}"):
-                path = os.path.join(run_dir, "run.json")
-                record = _read_json(path)
+            with Lock(run_dir, f"run {run_id}"):
+                record = rundir.read_run(run_dir)
                 stages = [s for s in record.get("stages") or [] if s.get("key") != entry["key"]]
                 record["stages"] = stages + [entry]
-                _atomic_write_json(path, record)
+                rundir.atomic_write_json(os.path.join(run_dir, "run.json"), record)
                 return record
         except LaunchError:
             if time.time() > deadline:
@@ -236,11 +186,13 @@ def _entry(key, sdir, config, **fields):
 
 def prepare_eval(run_ref, *, home=None, nproc=None, **options):
     """Resolve what to evaluate (options: see eval_config) without running anything: a dict with run_dir,
-    run_id, record, config, nproc, key, dir and cached (the key already has a result.json)."""
-    from runners.plan import get_home, stage_state
-    home = home or get_home()
-    run_dir, record = find_run(run_ref, home)
-    run_id = record.get("run_id") or os.path.basename(run_dir)
+    run_id, record, config, nproc, env, key, dir, stage (the StagePlan to launch), home and cached (the key
+    already has a result.json)."""
+    from runners.plan import StagePlan
+    home = home or rundir.home()
+    run_id, record = rundir.find_run(run_ref, home)
+    run_dir = rundir.run_dir(run_id, home)
+    run_id = record.get("run_id") or run_id
     config = eval_config(record, run_id, home, **options)
     _, train_nproc = _plan_params(record, "base_train")
     stage = _eval_stage(config)
@@ -248,48 +200,40 @@ def prepare_eval(run_ref, *, home=None, nproc=None, **options):
     nproc = nproc or eval_nproc or train_nproc or 1
     env = _plan_env(record)
     key = eval_key(config, nproc, env)
-    sdir = os.path.join(home, "stages", f"{stage}-{key[:8]}")
+    plan = StagePlan(name=stage, module=f"nanochat.stages.{stage}", key=key, upstream=(),
+                     params={"device_type": config.get("device_type")}, env=env, nproc_per_node=nproc, nnodes=1)
+    sdir = plan.stage_dir(home)
     return {"run_dir": run_dir, "run_id": run_id, "record": record, "config": config, "nproc": nproc, "env": env,
-            "key": key, "dir": sdir, "cached": stage_state(sdir) == "done"}
+            "key": key, "dir": sdir, "stage": plan, "home": home, "cached": rundir.stage_state(sdir) == "done"}
 
 
 def run_eval(job, echo=print):
     """Run a prepared evaluation as the base_eval / chat_eval stage (unless its result exists) and record it in run.json and
     the registry. Returns (entry, result dict, cached). Raises LaunchError when the stage fails."""
-    from runners.execute import _atomic_write_json, _error_line, _Lock, _run_subprocess, _stage_env, stage_command
-    from runners.plan import StagePlan, stage_state
+    from runners.execute import Lock, launch_stage
     run_dir, config, key, sdir = job["run_dir"], job["config"], job["key"], job["dir"]
     name = _eval_stage(config)
     # chat_eval takes its options as given; "eval" only names the suite (key, run.json entry)
     stage_config = {k: v for k, v in config.items() if not (name == "chat_eval" and k == "eval")}
-    cached = stage_state(sdir) == "done"
+    cached = rundir.stage_state(sdir) == "done"
     if not cached:
         os.makedirs(sdir, exist_ok=True)
-        with _Lock(sdir, f"evaluation {sdir}"):
-            cached = stage_state(sdir) == "done"  # again, under the lock: a concurrent eval may have finished it
+        with Lock(sdir, f"evaluation {sdir}"):
+            cached = rundir.stage_state(sdir) == "done"  # again, under the lock: a concurrent eval may have finished it
             if not cached:
-                config_path = os.path.join(sdir, "config.json")
                 events = os.path.join(sdir, "events.jsonl")
                 if os.path.exists(events):  # an evaluation killed mid-way: it has no resume, so start clean
                     os.remove(events)
-                _atomic_write_json(config_path, {**stage_config, "out_dir": sdir})
-                stage = StagePlan(name=name, module=f"nanochat.stages.{name}", key=key, upstream=(),
-                                  params={"device_type": config.get("device_type")}, env=job["env"],
-                                  nproc_per_node=job["nproc"], nnodes=1)
-                cmd = stage_command(stage, config_path, sdir)
                 echo(f"[{name}] run {job['run_id']}, step {config['step']}, {config['eval']} in {sdir}")
-                t0 = time.time()
-                code, tail = _run_subprocess(cmd, _stage_env(stage), os.path.join(sdir, "stdout.log"), echo,
-                                             f"[{name}] ")
-                wall = time.time() - t0
-                if code != 0 or stage_state(sdir) != "done":
-                    err = (_error_line(tail) or f"exit code {code}").strip()
-                    record_eval(run_dir, _entry(key, sdir, config, status="failed", started_at=t0,
-                                                finished_at=time.time(), wall_seconds=wall, exit_code=code, error=err))
+                code, wall, err = launch_stage(job["stage"], stage_config, echo, home=job["home"])
+                finished = time.time()
+                if err is not None:
+                    record_eval(run_dir, _entry(key, sdir, config, status="failed", started_at=finished - wall,
+                                                finished_at=finished, wall_seconds=wall, exit_code=code, error=err))
                     _ingest(run_dir, echo)
                     raise LaunchError(f"evaluation failed (exit {code}): {err} "
                                       f"[log: {os.path.join(sdir, 'stdout.log')}]")
-                entry = _entry(key, sdir, config, status="success", started_at=t0, finished_at=time.time(),
+                entry = _entry(key, sdir, config, status="success", started_at=finished - wall, finished_at=finished,
                                wall_seconds=wall, exit_code=0)
     result_path = os.path.join(sdir, "result.json")
     if cached:
@@ -298,7 +242,7 @@ def run_eval(job, echo=print):
             _entry(key, sdir, config, status="cached", finished_at=os.path.getmtime(result_path), exit_code=0)
     record_eval(run_dir, entry)
     _ingest(run_dir, echo)
-    return entry, _read_json(result_path), cached
+    return entry, rundir.read_json(result_path), cached
 
 
 # -----------------------------------------------------------------------------

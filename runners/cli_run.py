@@ -52,7 +52,8 @@ def _fmt_seconds(s):
 
 def plan_report(plan, home=None):
     """Plan as JSON-able dict plus the state of each stage on disk (done / partial / pending)."""
-    from runners.plan import stage_available, stage_state
+    from nanochat.rundir import stage_state
+    from runners.plan import stage_available
     out = plan.to_json()
     for s, js in zip(plan.stages, out["stages"]):
         js["state"] = stage_state(s.stage_dir(home)) if stage_available(s) else "n/a"
@@ -156,6 +157,8 @@ def validate(spec_path):
     if not problems:
         try:
             _make_plan(spec_path)   # what only the plan can tell: batch divisibility, a device batch that cannot fit
+            from runners.cli_study import validate_study
+            validate_study(spec_path)   # the same for every cell of a study (a spec with a sweep block)
         except SpecError as e:
             problems = e.problems
     if problems:
@@ -169,11 +172,17 @@ def validate(spec_path):
 @click.argument("spec_path", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (reference names).")
 @click.option("--detailed-exitcode", is_flag=True, help="Exit 0 when nothing is left to run, 2 when stages are pending.")
-def plan(spec_path, as_json, detailed_exitcode):
+@click.option("--yes", "-y", is_flag=True, help="Plan a study of more than 1,000 cells.")
+def plan(spec_path, as_json, detailed_exitcode, yes):
     """Resolve a spec into every number each stage will use, with FLOPs, time and $ estimates and what is done.
+    A study (a spec with a `sweep:` block) lists every cell and the totals.
 
     Example: nanorun plan specs/speedrun_d26.yaml --json
     """
+    from runners.cli_study import load_study, plan_study_command
+    study = load_study(spec_path, yes)
+    if study is not None:
+        return plan_study_command(study, as_json, detailed_exitcode)
     from runners.execute import check_device, check_local_data
     plan_ = _make_plan(spec_path)
     for check in (check_device, check_local_data):
@@ -194,9 +203,9 @@ def plan(spec_path, as_json, detailed_exitcode):
 def _ingest(record):
     """Record a run in the registry; the run directory stays the source of truth if the DB is busy."""
     try:
+        from nanochat import rundir
         from registry import ingest_run
-        from runners.execute import get_home
-        ingest_run(os.path.join(get_home(), "runs", record["run_id"]))
+        ingest_run(rundir.run_dir(record["run_id"]))
     except NanorunError as e:
         click.echo(f"warning: registry not updated ({e}); run `nanorun registry rebuild` later", err=True)
 
@@ -209,11 +218,17 @@ def _ingest(record):
 @click.option("--quiet", "-q", is_flag=True, help="Do not echo the stages' output (it is still in each stdout.log).")
 def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
     """Show the plan, then run every stage that is not done yet, resuming interrupted ones, and record the run.
+    A study (a spec with a `sweep:` block) runs every cell that is not done, side by side where the GPUs allow.
 
     Example: nanorun apply specs/cpu_demo.yaml --yes
     """
-    from runners.execute import apply_plan, check_device, check_local_data, run_dir
+    from runners.cli_study import apply_study_command, load_study
+    study = load_study(spec_path, yes)
+    if study is not None:
+        return apply_study_command(study, yes, node_rank, rdzv_endpoint)
+    from runners.execute import apply_plan, check_device, check_local_data, check_node_rank, run_dir
     plan_ = _make_plan(spec_path)
+    check_node_rank(plan_, node_rank)   # a rank the spec has no node for: one line, exit 2
     check_device(plan_, spec_path)      # a CUDA spec on a machine without a GPU fails here, before anything runs
     check_local_data(plan_, spec_path)  # a missing data folder fails here, before anything runs
     report = plan_report(plan_)
@@ -243,12 +258,9 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
 
 def _summary(record, rdir):
     click.echo(f"run {record['run_id']}: {record['status']}")
+    from nanochat import rundir
     for s in record["stages"]:
-        res_path = os.path.join(s["dir"], "result.json")
-        metrics = {}
-        if os.path.exists(res_path):
-            with open(res_path) as f:
-                metrics = json.load(f).get("metrics", {})
+        metrics = rundir.result_metrics(rundir.read_result(s["dir"]))
         shown = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         brief = " ".join(f"{k}={_fmt_num(v)}" for k, v in list(shown.items())[:6])
         click.echo(f"  {s['stage']:<11} {s['status']:<8} {s['dir']}  {brief}")

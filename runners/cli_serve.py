@@ -17,9 +17,9 @@ import sys
 
 import click
 
+from nanochat import rundir
 from runners.cli import main
 from runners.cli_chat import ChatInputError, resolve_target
-from runners.plan import get_home
 
 
 @main.command("serve")
@@ -38,7 +38,7 @@ def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, h
     Example: nanorun serve cpu_demo --port 8000, then open http://127.0.0.1:8000/ in a browser or use
     base_url http://127.0.0.1:8000/v1 with any OpenAI client.
     """
-    target = resolve_target(home or get_home(), run, checkpoint_dir, tokenizer_dir)
+    target = resolve_target(home or rundir.home(), run, checkpoint_dir, tokenizer_dir)
     from nanochat.server import load_service, make_server  # noqa: PLC0415 (torch only for this command)
     name = target["run_id"] or "nanorun"
     try:

@@ -15,7 +15,6 @@ re-apply never races a leftover trainer: it resumes from the last complete check
 """
 
 import fcntl
-import json
 import os
 import re
 import signal
@@ -25,19 +24,10 @@ import sys
 import time
 from collections import deque
 
-from runners.plan import get_home, stage_state
+from nanochat import rundir
+from nanochat.rundir import atomic_write_json, stage_state
 from specs import dump_yaml
-from specs.errors import LaunchError, SpecError
-
-
-def _atomic_write_json(path, obj):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from specs.errors import InputError, LaunchError, SpecError
 
 
 def _git_commit():
@@ -50,16 +40,13 @@ def _git_commit():
 
 
 def run_dir(plan, home=None):
-    return os.path.join(home or get_home(), "runs", plan.run_id)
+    return rundir.run_dir(plan.run_id, home)
 
 
 def load_run_record(plan, home=None):
-    path = os.path.join(run_dir(plan, home), "run.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
+    """The run's record, or None before its first apply; RunDirError when run.json is unusable."""
+    directory = run_dir(plan, home)
+    return rundir.read_run(directory) if os.path.exists(os.path.join(directory, "run.json")) else None
 
 
 def _new_run_record(plan, home, spec_path):
@@ -110,10 +97,11 @@ def stage_command(stage, config_path, out_dir, *, node_rank=0, rdzv_endpoint=Non
     return [*torchrun, f"--nproc-per-node={stage.nproc_per_node}", "-m", stage.module, *args]
 
 
-class _Lock:
-    """An exclusive flock on <directory>/.lock (a run or a stage) so two applies never run it at once.
-    The lock file holds the owner's pid for the error message; the kernel drops the lock when the owner dies.
-    Each node of a multi-node apply (same run, shared $NANORUN_HOME) takes its own lock file."""
+class Lock:
+    """An exclusive flock on <directory>/.lock (a run or a stage) so two applies never run it at once; `nanorun
+    eval` takes a run's lock to update its run.json. The lock file holds the owner's pid for the error message;
+    the kernel drops the lock when the owner dies. Each node of a multi-node apply (same run, shared
+    $NANORUN_HOME) takes its own lock file, so a second apply with the same --node-rank is the one refused."""
 
     def __init__(self, directory, what, node_rank=0):
         name = ".lock" if node_rank == 0 else f".lock-node{node_rank}"
@@ -259,6 +247,27 @@ def _stage_env(stage):
     return env
 
 
+def launch_stage(stage, config, echo, *, home=None, node_rank=0, rdzv_endpoint=None, on_start=None):
+    """Run one stage (a StagePlan) in its content-addressed directory; the caller holds that directory's Lock.
+    Waits for processes of an earlier launch to exit, writes config.json (`config` + out_dir), runs the stage's
+    command line with its environment, its output teed to stdout.log and, prefixed, to echo; on_start(t0) is called
+    as it starts. Returns (exit code, wall seconds, error): error is None when the stage exited 0 and wrote its
+    result.json, else its own last error line. `nanorun apply` and `nanorun eval` both launch stages here."""
+    sdir = stage.stage_dir(home)
+    config_path = os.path.join(sdir, "config.json")
+    _wait_for_leftovers(stage.name, config_path, echo)
+    atomic_write_json(config_path, {**config, "out_dir": sdir})
+    cmd = stage_command(stage, config_path, sdir, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    t0 = time.time()
+    if on_start is not None:
+        on_start(t0)
+    code, tail = _run_subprocess(cmd, _stage_env(stage), os.path.join(sdir, "stdout.log"), echo, f"[{stage.name}] ")
+    wall = time.time() - t0
+    if code != 0 or stage_state(sdir) != "done":
+        return code, wall, (_error_line(tail) or f"exit code {code}").strip()
+    return code, wall, None
+
+
 def _position(spec_path, keys):
     """'FILE:LINE:COL' of the YAML node at `keys` (mapping keys and list indexes) in the spec file; FILE
     alone when the node cannot be found (the spec was edited since it was loaded)."""
@@ -336,12 +345,10 @@ def _interrupt_on_sigterm():
 
 def _load_or_new_record(plan, home, spec_path, echo):
     rdir = run_dir(plan, home)
-    for name in os.listdir(rdir):  # temp files of a write that a killed apply never finished
-        if name.startswith("run.json.tmp."):
-            os.remove(os.path.join(rdir, name))
+    rundir.remove_temp_files(os.path.join(rdir, "run.json"))  # of a write that a killed apply never finished
     try:
         record = load_run_record(plan, home)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except rundir.RunDirError:  # not JSON, or not the shape this runner writes
         bad = os.path.join(rdir, f"run.json.corrupt-{int(time.time())}")
         os.replace(os.path.join(rdir, "run.json"), bad)
         echo(f"warning: {bad}: unreadable run record set aside; starting a new one (stage outputs are kept)")
@@ -349,18 +356,29 @@ def _load_or_new_record(plan, home, spec_path, echo):
     return record or _new_run_record(plan, home, spec_path)
 
 
+def check_node_rank(plan, node_rank):
+    """This node's rank is one of the spec's nodes: 0 on a single-node spec (another rank would take its own lock
+    files and so not be stopped by a concurrent apply of the same run)."""
+    nodes = plan.spec.hardware.nodes
+    if not isinstance(node_rank, int) or isinstance(node_rank, bool) or not 0 <= node_rank < nodes:
+        raise InputError(f"--node-rank {node_rank}: must be in 0..{nodes - 1} (spec {plan.spec.name} has "
+                         f"hardware.nodes: {nodes})")
+
+
 def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv_endpoint=None, on_update=None):
     """Run every stage of the plan that is not done yet. Returns the final run record.
     on_update(record) is called after each stage (the CLI ingests into the registry there).
-    Raises SpecError for a missing local data path, LaunchError when another apply runs this run or one of
-    its stages, or when a stage fails; KeyboardInterrupt (also on SIGTERM) after recording the run as interrupted."""
-    home = home or get_home()
+    Raises InputError for a node rank the spec does not have, SpecError for a missing local data path,
+    LaunchError when another apply runs this run or one of its stages, or when a stage fails; KeyboardInterrupt
+    (also on SIGTERM) after recording the run as interrupted."""
+    home = home or rundir.home()
+    check_node_rank(plan, node_rank)
     check_local_data(plan, spec_path, home)
     rdir = run_dir(plan, home)
     os.makedirs(rdir, exist_ok=True)
     old_handler = _interrupt_on_sigterm()
     try:
-        with _Lock(rdir, f"run {plan.run_id}", node_rank):
+        with Lock(rdir, f"run {plan.run_id}", node_rank):
             return _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update)
     finally:
         if old_handler is not None:
@@ -383,12 +401,12 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
     record["apply_pid"], record["apply_host"] = os.getpid(), socket.gethostname()
     record["status"], record["started_at"], record["finished_at"] = "running", record["started_at"] or time.time(), None
     run_json = os.path.join(run_dir(plan, home), "run.json")
-    _atomic_write_json(run_json, record)
+    atomic_write_json(run_json, record)
 
     def save(stage_rec=None, **fields):
         if stage_rec is not None:
             stage_rec.update(fields)
-        _atomic_write_json(run_json, record)
+        atomic_write_json(run_json, record)
         if on_update:
             on_update(record)
 
@@ -410,28 +428,21 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
                 echo(f"[{stage.name}] done ({stage.dir_name}), skipping")
                 continue
             os.makedirs(sdir, exist_ok=True)
-            with _Lock(sdir, f"stage {stage.name} ({sdir})", node_rank):
+            with Lock(sdir, f"stage {stage.name} ({sdir})", node_rank):
                 state = stage_state(sdir)  # again, under the lock: another run sharing this stage may have finished it
                 if state == "done":
                     save(srec, status="cached")
                     echo(f"[{stage.name}] done ({stage.dir_name}), skipping")
                     continue
-                config = {**stage.params, **stage_inputs(plan, stage, home), "out_dir": sdir}
-                config_path = os.path.join(sdir, "config.json")
-                _wait_for_leftovers(stage.name, config_path, echo)
-                _atomic_write_json(config_path, config)
-                cmd = stage_command(stage, config_path, sdir, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
                 echo(f"[{stage.name}] {'resuming' if state == 'partial' else 'starting'} in {sdir}")
-                t0 = time.time()
-                save(srec, status="running", started_at=t0, finished_at=None, exit_code=None, error=None)
-                code, tail = _run_subprocess(cmd, _stage_env(stage), os.path.join(sdir, "stdout.log"), echo,
-                                             f"[{stage.name}] ")
-                wall = time.time() - t0
-                if code != 0 or stage_state(sdir) != "done":
-                    err = _error_line(tail) or f"exit code {code}"
+                code, wall, err = launch_stage(
+                    stage, {**stage.params, **stage_inputs(plan, stage, home)}, echo, home=home, node_rank=node_rank,
+                    rdzv_endpoint=rdzv_endpoint, on_start=lambda t0, srec=srec: save(
+                        srec, status="running", started_at=t0, finished_at=None, exit_code=None, error=None))
+                if err is not None:
                     srec.update(wall_seconds=wall, exit_code=code)
                     finish("failed", err)
-                    raise LaunchError(f"stage {stage.name} failed (exit {code}): {err.strip()} "
+                    raise LaunchError(f"stage {stage.name} failed (exit {code}): {err} "
                                       f"[log: {os.path.join(sdir, 'stdout.log')}]")
                 save(srec, status="success", finished_at=time.time(), wall_seconds=wall, exit_code=0)
     except KeyboardInterrupt:

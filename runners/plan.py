@@ -13,7 +13,6 @@ shares data + vocab; a re-apply after a crash resumes the stage in the same dire
 import difflib
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 
 from nanochat import memory, probe, rundir, scaling
@@ -39,10 +38,6 @@ MEMORY_MARGIN = 0.9           # a device batch must fit this fraction of the dev
 DEFAULT_DEVICE_BATCH = 32     # the reference's default, for device_batch_size auto when the memory is unknown
 
 
-def get_home():
-    return rundir.home()
-
-
 @dataclass(frozen=True)
 class StagePlan:
     name: str
@@ -58,10 +53,10 @@ class StagePlan:
 
     @property
     def dir_name(self):
-        return f"{self.name}-{self.key[:8]}"
+        return rundir.stage_dir_name(self.name, self.key)
 
     def stage_dir(self, home=None):
-        return os.path.join(home or get_home(), "stages", self.dir_name)
+        return rundir.stage_dir(self.name, self.key, home)
 
 
 @dataclass(frozen=True)
@@ -320,15 +315,3 @@ def stage_available(stage):
     """Whether this nanorun has an implementation of the stage (the spec schema knows stages before the code does)."""
     import importlib.util
     return importlib.util.find_spec(stage.module) is not None
-
-
-def stage_state(stage_dir):
-    """done | partial (has checkpoints or events: a re-apply resumes it) | pending."""
-    if os.path.exists(os.path.join(stage_dir, "result.json")):
-        return "done"
-    ckpt = os.path.join(stage_dir, "checkpoints")
-    if os.path.isdir(ckpt) and any(f.startswith("meta_") for f in os.listdir(ckpt)):
-        return "partial"
-    if os.path.exists(os.path.join(stage_dir, "events.jsonl")):
-        return "partial"
-    return "pending"

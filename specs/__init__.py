@@ -6,6 +6,7 @@ and the shipped specs (specs/*.yaml). Imports only pydantic and yaml.
     spec = specs.load("specs/cpu_demo.yaml")        # frozen Spec, or SpecError with every problem
     specs.stage_names(spec)                         # ['data', 'tok_train', 'base_train', 'base_eval']
     specs.stage_options(spec, "base_eval")          # BaseEvalOptions with inherited values filled in
+    specs.read_study("specs/scaling_laws.yaml")     # a spec with a sweep block: its cells (specs/sweep.py)
 """
 
 from pathlib import Path
@@ -14,6 +15,7 @@ from specs.errors import DataError, LaunchError, NanorunError, RegistryError, Sp
 from specs.loader import dump_yaml, load, load_text, spec_hash, validate, validate_text
 from specs.schema import (STAGE_NAMES, STAGE_NEEDS, DataSpec, HardwareSpec, ModelSpec, Spec, TokenizerSpec,
                           TrainSource, TrainSpec, ValSource, stage_names, stage_options, vocab_size)
+from specs.sweep import MAX_CELLS, Cell, Study, read_study
 
 SPECS_DIR = Path(__file__).resolve().parent   # where the shipped *.yaml live
 
@@ -26,4 +28,5 @@ def shipped_specs():
 __all__ = ["load", "load_text", "validate", "validate_text", "spec_hash", "dump_yaml", "stage_names",
            "stage_options", "vocab_size", "shipped_specs", "SPECS_DIR", "STAGE_NAMES", "STAGE_NEEDS", "Spec",
            "HardwareSpec", "DataSpec", "TrainSource", "ValSource", "TokenizerSpec", "ModelSpec", "TrainSpec",
-           "NanorunError", "SpecError", "RegistryError", "LaunchError", "DataError"]
+           "NanorunError", "SpecError", "RegistryError", "LaunchError", "DataError", "read_study", "Study", "Cell",
+           "MAX_CELLS"]

@@ -19,6 +19,11 @@ class SpecError(NanorunError):
                          f"{len(self.problems)} problems:\n" + "\n".join(self.problems))
 
 
+class InputError(NanorunError):
+    """A bad value on the command line that click cannot check alone (a --node-rank the spec has no node for)."""
+    exit_code = 2
+
+
 class RegistryError(NanorunError):
     pass
 

@@ -284,7 +284,13 @@ def _check(text, filename):
     try:
         spec = Spec.model_validate(data)
     except pydantic.ValidationError as e:
-        return None, problems + _pydantic_problems(e, root, filename)
+        if "sweep" not in data:
+            return None, problems + _pydantic_problems(e, root, filename)
+        from specs.sweep import by_position, grid_problems   # a study's grid paths are checked beside the base
+        return None, by_position(problems + _pydantic_problems(e, root, filename) + grid_problems(root, data, filename))
+    if spec.sweep is not None and not problems:   # a study: every cell must be a valid spec too
+        from specs.sweep import MAX_CELLS, expand_parsed
+        problems = expand_parsed(root, data, spec, filename, max_cells=MAX_CELLS, over_limit="skip")[1]
     return (None if problems else spec), problems
 
 
@@ -328,6 +334,8 @@ def load(path):
 def spec_hash(spec):
     """sha256 hex of the validated spec (defaults filled in), ignoring description and tags."""
     canonical = spec.model_dump(mode="json", exclude={"description", "tags"})
+    if canonical.get("sweep") is None:   # a plain spec hashes as it did before studies existed
+        canonical.pop("sweep", None)
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -335,9 +343,12 @@ def spec_hash(spec):
 def dump_yaml(spec, exclude_defaults=False):
     """YAML text that loads back to an equal Spec. Stages with default options are written as bare names."""
     data = spec.model_dump(mode="json", exclude={"stages"}, exclude_defaults=exclude_defaults)
+    sweep = data.pop("sweep", None)
     stages = []
     for stage in spec.stages:
         options = stage.options.model_dump(mode="json", exclude_defaults=True)
         stages.append({stage.name: options} if options else stage.name)
     data["stages"] = stages
+    if sweep is not None:
+        data["sweep"] = sweep
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=110)

@@ -14,7 +14,7 @@ the model being validated, so the loader can point at the exact YAML node.
 """
 
 import difflib
-from typing import Annotated, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -366,6 +366,24 @@ STAGE_MODELS = {name: _stage_model(name, cls) for name, cls in STAGE_OPTIONS.ite
 Stage = Annotated[Union[tuple(STAGE_MODELS.values())], Field(discriminator="name")]
 
 
+# --- studies ----------------------------------------------------------------------------------------
+
+class SweepSpec(_Model):
+    """A study: the spec around `sweep:` is the base (a valid spec on its own); each cell of the cartesian product
+    of `grid` (dotted paths into the spec -> values) times `seeds` is an ordinary run whose spec is the base with
+    the cell's values set (specs.sweep expands and checks the cells)."""
+    grid: dict[str, list[Any]] = Field(default_factory=dict)   # e.g. {"model.depth": [10, 12], "train.target_flops": [1e18]}
+    seeds: Optional[int] = Field(None, ge=1)      # n runs per cell with seed = 0..n-1; None = the base's seed
+    gpus_per_cell: Optional[int] = Field(None, ge=1)   # None = hardware.gpus_per_node (one cell at a time)
+    max_parallel: Optional[int] = Field(None, ge=1)    # at most this many cells at once (None = as many as fit)
+
+    @model_validator(mode="after")
+    def _something_to_sweep(self):
+        if not self.grid and self.seeds is None:
+            raise problem("a sweep needs a grid (dotted path: [values]) or seeds")
+        return self
+
+
 # --- the spec ---------------------------------------------------------------------------------------
 
 class Spec(_Model):
@@ -381,6 +399,7 @@ class Spec(_Model):
     # In YAML each item is a stage name or a one-key mapping {name: {options}}; validated, every item is
     # a Stage(name, options). "data" is implied first when not listed, so stages[0].name == "data" always.
     stages: tuple[Stage, ...] = Field(DEFAULT_STAGES, min_length=1, validate_default=True)
+    sweep: Optional[SweepSpec] = None             # a study (specs/sweep.py); None = one run
 
     @model_validator(mode="before")
     @classmethod
@@ -431,6 +450,14 @@ class Spec(_Model):
                 raise problem(f"must be a multiple of device_batch_size * max_seq_len * world_size = "
                               f"{t.device_batch_size} * {self.model.max_seq_len} * {self.hardware.world_size} "
                               f"= {per_step} (got {t.total_batch_size})", "train.total_batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _cells_fit_the_node(self):
+        per_cell = self.sweep and self.sweep.gpus_per_cell
+        if per_cell and per_cell > self.hardware.gpus_per_node:
+            raise problem(f"must be <= hardware.gpus_per_node ({self.hardware.gpus_per_node}): cells share the "
+                          f"node's devices (got {per_cell})", "sweep.gpus_per_cell")
         return self
 
 

@@ -20,6 +20,7 @@ import time
 import pytest
 
 import specs
+from nanochat.rundir import checkpoint_steps
 from runners.plan import make_plan
 
 # the console script, without depending on where pip put it
@@ -270,7 +271,8 @@ def test_killed_apply_resumes_base_train_exactly(how, applied, corpus, tmp_path)
     log_path = str(tmp_path / "apply1.log")
 
     proc = start_apply(spec_path, home, log_path)
-    wait_for(lambda: os.path.isdir(ckpt_dir) and any(f.startswith("meta_") for f in os.listdir(ckpt_dir)),
+    # complete: its meta, written last, renamed into place (a meta_*.tmp.PID is a save still under way)
+    wait_for(lambda: bool(checkpoint_steps(ckpt_dir)),
              proc, log_path, what="base_train's first checkpoint")
     if how == "sigint":
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does to the shell's foreground job
@@ -372,6 +374,43 @@ def test_missing_spec_and_unknown_run_are_one_line(tmp_path):
     assert proc.returncode != 0
     lines = error_lines(proc)
     assert len(lines) == 1 and "nonexistent" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_node_rank_must_be_one_of_the_spec_s_nodes(corpus, tmp_path):
+    """A rank the spec has no node for is bad input (exit 2, one line), refused before anything runs: on a
+    single-node spec a rank-1 apply would take its own lock files and so not be stopped by a running apply."""
+    home = str(tmp_path / "home")
+    spec_path = write_spec(tmp_path / "tiny.yaml", corpus, TRAIN_STAGES)
+    for rank in ("1", "-1"):
+        proc = nanorun(["apply", spec_path, "--yes", "--node-rank", rank], home, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert error_lines(proc) == [f"error: --node-rank {rank}: must be in 0..0 (spec tiny_apply has "
+                                     f"hardware.nodes: 1)"]
+    assert not os.path.exists(os.path.join(home, "runs"))  # refused before the run directory exists
+
+
+def test_a_second_apply_with_the_same_node_rank_is_blocked(corpus, tmp_path):
+    """On a two-node spec each node's apply holds its own lock file (they share $NANORUN_HOME); a second apply
+    of the same run with a rank that is already running is refused by that rank's lock."""
+    from runners.execute import apply_plan
+    from specs.errors import InputError, LaunchError
+
+    home = str(tmp_path / "home")
+    text = SPEC.format(text_dir=corpus, stages=TRAIN_STAGES).replace(
+        "device_type: cpu}", "device_type: cpu, nodes: 2}").replace("total_batch_size: 512", "total_batch_size: 1024")
+    spec_path = tmp_path / "two_nodes.yaml"
+    spec_path.write_text(text)
+    plan = make_plan(specs.load(str(spec_path)))
+    run_dir = os.path.join(home, "runs", plan.run_id)
+    with pytest.raises(InputError, match=r"--node-rank 2: must be in 0\.\.1"):
+        apply_plan(plan, home=home, node_rank=2, echo=lambda line: None)
+    os.makedirs(run_dir)
+    for rank, name in ((0, ".lock"), (1, ".lock-node1")):
+        with open(os.path.join(run_dir, name), "a+") as held:  # what that rank's running apply holds
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with pytest.raises(LaunchError, match=f"run {plan.run_id} is being run by another nanorun apply"):
+                apply_plan(plan, home=home, node_rank=rank, echo=lambda line: None)
+    assert not os.path.exists(os.path.join(run_dir, "run.json"))  # neither got past the lock
 
 
 # -----------------------------------------------------------------------------

@@ -115,6 +115,23 @@ def test_errors_are_one_line(nanorun_home, home_with_runs, tiny_tokenizer_dir, t
     assert "ambiguous run 'bas' matches 2 runs" in fails("bas", "-p", "hi")
 
 
+@pytest.mark.parametrize("content", ["{broken", "[]", '{"run_id": "base-aaaa1111", "stages": "abc"}',
+                                     '{"stages": [{"key": 5}]}', '{"created_at": "yesterday"}'])
+def test_a_corrupt_run_json_is_one_line_naming_it(home_with_runs, content):
+    path = os.path.join(home_with_runs, "runs", "base-aaaa1111", "run.json")
+    with open(path, "w") as f:
+        f.write(content)
+    for command in ("chat", "serve"):
+        for ref in ("base-aaaa1111", "base-aa"):   # its id, or a prefix that only it matches
+            result = CliRunner().invoke(main, [command, ref, "-p", "hi"] if command == "chat" else [command, ref],
+                                        catch_exceptions=False)
+            lines = result.output.strip().splitlines()
+            assert result.exit_code == 2 and len(lines) == 1, result.output
+            assert lines[0].startswith(f"error: {path}: ") and ("not valid JSON" in lines[0] or "malformed" in lines[0])
+    # without RUN the broken run is no candidate: the newest good run is chosen
+    assert resolve_target(home_with_runs)["run_id"] == "chat-bbbb2222"
+
+
 def test_no_runs_at_all(nanorun_home):
     result = CliRunner().invoke(main, ["chat", "-p", "hi"], catch_exceptions=False)
     assert result.exit_code == 2 and "no run with a checkpoint" in result.output

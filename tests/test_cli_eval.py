@@ -193,6 +193,19 @@ def test_eval_errors_are_one_line(tiny_run, nanorun_home, tiny_data_dir, tiny_to
     assert not [s for s in _run_json(tiny_run)["stages"] if s.get("adhoc")]  # nothing recorded by failures
 
 
+@pytest.mark.parametrize("content, why", [("{broken", "not valid JSON"), ("[]", "malformed run.json (a JSON array"),
+                                          ('{"stages": "abc"}', "malformed run.json ('stages' is a JSON string"),
+                                          ('{"stages": [1]}', "malformed run.json (stages[0] is a JSON number")])
+def test_eval_of_a_corrupt_run_json_is_one_line_naming_it(tiny_run, content, why):
+    with open(os.path.join(tiny_run, "run.json"), "w") as f:
+        f.write(content)
+    for ref in ("tiny-0123abcd", "tiny-01"):   # its id, or a prefix that only it matches
+        result = CliRunner().invoke(main, ["eval", ref, "--yes"], catch_exceptions=False)
+        lines = result.output.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1, result.output
+        assert lines[0].startswith(f"error: {os.path.join(tiny_run, 'run.json')}: {why}"), lines[0]
+
+
 def test_failed_eval_is_recorded_and_reported(tiny_run, nanorun_home, tmp_path):
     bundle = write_tiny_bundle(tmp_path / "bundle")
     with open(os.path.join(bundle, "eval_data", CORE_TASKS_TINY[0][1]), "w") as f:
@@ -207,10 +220,10 @@ def test_failed_eval_is_recorded_and_reported(tiny_run, nanorun_home, tmp_path):
 
 def test_record_eval_waits_for_the_run_lock(tiny_run):
     from runners.cli_eval import record_eval
-    from runners.execute import _Lock
+    from runners.execute import Lock
     from specs.errors import LaunchError
     entry = {"stage": "base_eval", "key": "a" * 64, "dir": "/x/base_eval-aaaaaaaa", "status": "success", "adhoc": True}
-    with _Lock(tiny_run, "run tiny-0123abcd"):  # what a running `nanorun apply` holds
+    with Lock(tiny_run, "run tiny-0123abcd"):  # what a running `nanorun apply` holds
         t0 = time.time()
         with pytest.raises(LaunchError, match="is being applied.*run the same `nanorun eval` after the apply"):
             record_eval(tiny_run, entry, timeout=0.5)

@@ -49,9 +49,11 @@ def test_show(home):
 
 
 def test_show_errors_are_one_line(home):
-    result = cli("show", "speedrun-", code=1)
+    """A run reference that names no run (or several) is bad input: exit 2, as from eval, chat and serve."""
+    result = cli("show", "speedrun-", code=2)
     assert result.output.strip() == "error: ambiguous run 'speedrun-' matches 2 runs: speedrun-1111, speedrun-0000"
-    assert "unknown run 'zzz'" in cli("show", "zzz", code=1).output
+    assert cli("show", "zzz", code=2).output.strip() == \
+        f"error: unknown run 'zzz' (no run directory in {os.path.join(home, 'runs')}; see `nanorun runs`)"
 
 
 def test_leaderboard(home):

@@ -12,6 +12,7 @@ import duckdb
 import pytest
 
 from conftest import make_run_tree
+from nanochat.rundir import RunDirError
 from registry import db, get_run, ingest_all, ingest_run, leaderboard, list_runs, query, rebuild, sync
 from registry.db import SCHEMA_VERSION, RegistryLocked, connect, registry_path
 from registry.queries import QueryError
@@ -288,9 +289,9 @@ def test_get_run_detail_and_id_matching(nanorun_home):
     assert [s["prompt"] for s in detail["samples"]] == ["The capital of France is", "If yesterday was Friday, then"]
     assert get_run("d12")["run"]["run_id"] == "d12-aaab2222"  # a spec name means its newest run
     assert len(get_run("other")["core"]) == 14
-    with pytest.raises(RegistryError, match="ambiguous run 'd12-aaa' matches 2 runs"):
+    with pytest.raises(RunDirError, match="ambiguous run 'd12-aaa' matches 2 runs"):  # the rule of nanochat.rundir
         get_run("d12-aaa")
-    with pytest.raises(RegistryError, match="unknown run 'nope'"):
+    with pytest.raises(RunDirError, match="unknown run 'nope'"):
         get_run("nope")
 
 

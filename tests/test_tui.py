@@ -10,6 +10,7 @@ import time
 import pytest
 from textual.widgets import DataTable, Input, Static
 
+from nanochat import rundir
 from tui import data
 from tui.app import NanorunApp
 from tui.chat_screen import ChatScreen
@@ -105,7 +106,7 @@ def cell_texts(table):
 
 def test_event_tail_keeps_partial_line_until_complete(tmp_path):
     path = tmp_path / "events.jsonl"
-    tail = data.EventTail(str(path))
+    tail = rundir.EventTail(str(path))
     assert tail.poll() == []  # missing file: nothing yet
     append_events(path, [metric(1, 4.0)], partial='{"time": 2, "kind": "metric", "st')
     assert [e["step"] for e in tail.poll()] == [1]
@@ -130,19 +131,16 @@ def test_eta_from_step_rate():
     assert data.eta_seconds(events[:1], 100) is None and data.eta_seconds(events, None) is None
 
 
-def test_file_leaderboard_ranks_by_training_time(home):
-    columns, rows, _ = data._leaderboard_from_files(home, "files")
-    table = [dict(zip(columns, r)) for r in rows]
-    assert [(r["rank"], r["name"]) for r in table] == [(1, "d6"), (2, "d4"), (None, "d8")]  # 60 s beats 120 s
-    assert table[2]["reason"] == "no CORE yet (running)" and table[0]["hours"] == pytest.approx(60 / 3600)
+def test_leaderboard_is_the_registry_s(home):
+    """The TUI's leaderboard is the registry's query (real DuckDB file, ingested from the run dirs), not its own."""
+    from registry import leaderboard
 
-
-def test_registry_leaderboard_matches_file_fallback(home):
-    """The registry path (real DuckDB file, ingested from the same run dirs) ranks the same way."""
     columns, rows, source = data.leaderboard(home)
     assert source == "registry"
     table = [dict(zip(columns, r)) for r in rows]
-    assert [(r["rank"], r["name"]) for r in table] == [(1, "d6"), (2, "d4"), (None, "d8")]
+    assert [(r["rank"], r["name"]) for r in table] == [(1, "d6"), (2, "d4"), (None, "d8")]  # 60 s beats 120 s
+    assert table[0]["hours"] == pytest.approx(60 / 3600)
+    assert [[r[c] for c in columns] for r in leaderboard(home)] == rows
 
 
 # -----------------------------------------------------------------------------
@@ -328,7 +326,7 @@ async def test_shared_run_tree_fixture_renders(nanorun_home):
         assert "step 10: The capital of France is something" in samples and "is The capital" not in samples
 
 
-def test_leaderboard_falls_back_to_run_dirs_while_registry_is_locked(home):
+async def test_leaderboard_says_registry_busy_while_a_writer_holds_it(home):
     import subprocess
     import sys
 
@@ -338,12 +336,19 @@ def test_leaderboard_falls_back_to_run_dirs_while_registry_is_locked(home):
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        columns, rows, source = data.leaderboard(home, timeout=0.3)
+        columns, rows, status = data.leaderboard(home, timeout=0.3)
+        assert rows is None and status.startswith("registry busy")
+        app = NanorunApp(home=home, refresh_seconds=None)
+        async with app.run_test(size=(120, 40)) as pilot:
+            screen = LeaderboardScreen(home)
+            await app.push_screen(screen)
+            screen.show(columns, rows, status)  # what the worker hands over (its own call waits out the lock)
+            await pilot.pause()
+            assert str(screen.query_one("#leaderboard-status", Static).render()).startswith("registry busy")
+            await app.workers.wait_for_complete()
     finally:
         holder.kill()
         holder.wait()
-    assert source.startswith("run directories") and "locked" in source
-    assert [r[columns.index("name")] for r in rows] == ["d6", "d4", "d8"]
 
 
 def test_nanorun_tui_command_is_registered():

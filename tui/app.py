@@ -11,15 +11,11 @@ import os
 
 from textual.app import App
 
+from nanochat import rundir
 from tui.chat_screen import ChatScreen
 from tui.leaderboard_screen import LeaderboardScreen
 from tui.run_detail import RunDetailScreen
 from tui.runs_screen import RunSelected, RunsScreen
-
-
-def default_home():
-    """$NANORUN_HOME or ~/.cache/nanorun, as nanochat.common.get_base_dir (not imported: it pulls in torch)."""
-    return os.environ.get("NANORUN_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "nanorun")
 
 
 class NanorunApp(App):
@@ -36,7 +32,7 @@ class NanorunApp(App):
         """refresh_seconds: runs table refresh period (None disables the timer, for tests);
         monitor_seconds: live monitor poll period of events.jsonl."""
         super().__init__()
-        self.home = os.path.abspath(home or default_home())
+        self.home = os.path.abspath(home or rundir.home())
         self.refresh_seconds = refresh_seconds
         self.monitor_seconds = monitor_seconds
 
@@ -49,7 +45,7 @@ class NanorunApp(App):
     def open_run(self, run_id):
         try:
             self.push_screen(RunDetailScreen(self.home, run_id, self.monitor_seconds))
-        except FileNotFoundError as e:  # the run directory vanished between refreshes
+        except rundir.RunDirError as e:  # the run directory vanished or broke between refreshes
             self.notify(str(e), severity="error")
 
     def action_reload(self):
@@ -70,7 +66,7 @@ class NanorunApp(App):
             return
         try:
             self.push_screen(ChatScreen(self.home, run_id))
-        except FileNotFoundError as e:
+        except rundir.RunDirError as e:
             self.notify(str(e), severity="error")
 
     def action_back(self):

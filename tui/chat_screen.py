@@ -13,6 +13,7 @@ from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Select, Static
 
+from nanochat import rundir
 from tui import data
 
 MAX_TOKENS = 256
@@ -28,7 +29,7 @@ class ChatScreen(Screen):
         self.home = home
         self.run_id = run_id
         self.sampling = {"max_tokens": max_tokens, "temperature": temperature, "top_k": top_k}
-        self.checkpoints = data.find_checkpoints(data.load_run(home, run_id))
+        self.checkpoints = data.find_checkpoints(rundir.load_run(run_id, home))
         self.loaded = None          # (checkpoint_dir, model, tokenizer, engine), reused across prompts
         self.history = []           # chat checkpoints: [{"role", "content"}], sent back each turn
         self.transcript = ""        # everything shown above the streaming reply

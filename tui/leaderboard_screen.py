@@ -2,8 +2,8 @@
 The leaderboard screen: nanochat's "time to GPT-2" ranking (CORE >= 0.256525, fastest pretraining first).
 
 Rows come from the registry's leaderboard query in a background worker (the registry may be locked by a writer
-and is retried there); when it is unavailable the ranking is computed from the run directories and the status
-line says so. Opened with `l`; escape goes back.
+and is retried there for a moment); while it stays locked the status line says "registry busy" and `r` retries.
+Opened with `l`; escape goes back.
 """
 
 from textual import work
@@ -44,7 +44,8 @@ class LeaderboardScreen(Screen):
         yield Footer()
 
     def on_mount(self):
-        self.title, self.sub_title = "leaderboard", f"time to GPT-2 (CORE >= {data.GPT2_CORE})"
+        from registry.db import CORE_THRESHOLD  # noqa: PLC0415 (duckdb loads with this screen, not with the app)
+        self.title, self.sub_title = "leaderboard", f"time to GPT-2 (CORE >= {CORE_THRESHOLD})"
         self.reload()
 
     def reload(self):
@@ -56,6 +57,10 @@ class LeaderboardScreen(Screen):
         self.app.call_from_thread(self.show, columns, rows, source)
 
     def show(self, columns, rows, source):
+        status = self.query_one("#leaderboard-status", Static)
+        if rows is None:  # the registry is busy or unusable: keep what is shown, say why it is not fresh
+            status.update(source)
+            return
         table = self.query_one(DataTable)
         table.clear(columns=True)
         for column in columns:
@@ -63,5 +68,4 @@ class LeaderboardScreen(Screen):
         for row in rows:
             table.add_row(*(fmt_cell(c, v) for c, v in zip(columns, row)))
         ranked = sum(row[0] is not None for row in rows)
-        status = f"{ranked} ranked, {len(rows) - ranked} not qualifying (from {source})"
-        self.query_one("#leaderboard-status", Static).update(status)
+        status.update(f"{ranked} ranked, {len(rows) - ranked} not qualifying (from the {source})")

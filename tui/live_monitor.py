@@ -6,11 +6,14 @@ It reads the file directly (never the registry), so it works while the training 
 run detail screen; `poll()` may also be called directly (the `r` key does).
 """
 
+import os
+
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.message import Message
 from textual.widgets import Sparkline, Static
 
+from nanochat import rundir
 from tui import data
 
 # (metric name in events.jsonl, label, digits); both the reference names and nanochat's log names are accepted
@@ -43,7 +46,7 @@ class LiveMonitor(Vertical):
         self.stage_dir = stage_dir
         self.stage_name = stage_name
         self.interval = interval
-        self.tail = data.EventTail(f"{stage_dir}/events.jsonl")
+        self.tail = rundir.EventTail(os.path.join(stage_dir, "events.jsonl"))
         self.series = {label: [] for _, label, _ in SERIES}
         self.metric_events = []
         self.samples = []

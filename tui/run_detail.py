@@ -12,6 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from nanochat import rundir
 from tui import data
 from tui.live_monitor import LiveMonitor, MetricsUpdated
 
@@ -38,7 +39,7 @@ def flat_metrics(metrics, prefix=""):
 
 
 def read_events(path):
-    return data.EventTail(path).poll()
+    return rundir.EventTail(path).poll()
 
 
 class RunDetailScreen(Screen):
@@ -49,7 +50,7 @@ class RunDetailScreen(Screen):
         self.home = home
         self.run_id = run_id
         self.monitor_seconds = monitor_seconds
-        self.run = data.load_run(home, run_id)
+        self.run = rundir.load_run(run_id, home)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -91,15 +92,24 @@ class RunDetailScreen(Screen):
         self.fill()
 
     def reload(self):
-        self.run = data.load_run(self.home, self.run_id)
-        self.fill()
+        if self.load():
+            self.fill()
         for monitor in self.query(LiveMonitor):
             monitor.poll()
 
     def on_metrics_updated(self, event: MetricsUpdated):
         # the stage is making progress: re-read run.json too, so stage statuses and results follow it
-        self.run = data.load_run(self.home, self.run_id)
-        self.fill()
+        if self.load():
+            self.fill()
+
+    def load(self):
+        """Re-read the run; an unusable run.json (removed, torn by hand) keeps what is shown and says why."""
+        try:
+            self.run = rundir.load_run(self.run_id, self.home)
+            return True
+        except rundir.RunDirError as e:
+            self.notify(str(e), severity="error")
+            return False
 
     def fill(self):
         run = self.run

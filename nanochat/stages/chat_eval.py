@@ -128,8 +128,8 @@ def spellingbee_correct(item, completion):
 
 
 def humaneval_correct(item, completion, timeout=5.0):
-    """The extracted program passes the problem's tests in the sandbox (nanochat.execution.check_program)."""
-    from nanochat.execution import check_program
+    """The extracted program passes the problem's tests in the sandbox (nanochat.sandbox.check_program)."""
+    from nanochat.sandbox import check_program
     return check_program(item["prompt"], extract_program(completion), item["test"], item["entry_point"],
                          timeout=timeout)
 

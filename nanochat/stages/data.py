@@ -20,7 +20,8 @@ import sys
 import time
 
 from nanochat import corpus, dataset
-from nanochat.common import EventLog, atomic_write_json, get_base_dir, get_dist_info, write_result
+from nanochat.common import EventLog, get_base_dir, get_dist_info, write_result
+from nanochat.rundir import atomic_write_json
 
 REMOTE = ("climbmix", "fineweb_edu")
 LOCAL = ("parquet", "text")

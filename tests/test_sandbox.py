@@ -1,6 +1,6 @@
-"""The code sandbox (nanochat/execution.py): results, limits, and escape attempts shown to be contained.
+"""The code sandbox (nanochat/sandbox.py): results, limits, and escape attempts shown to be contained.
 
-Run: .venv/bin/pytest tests/test_execution.py -q
+Run: .venv/bin/pytest tests/test_sandbox.py -q
 Each escape test checks the effect on the outside world (file absent, listener got no connection, victim process
 alive, no sandbox process left), not just that the code inside saw an error.
 """
@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from nanochat.execution import SANDBOX_UID, check_program, execute_code, sandbox_capabilities
+from nanochat.sandbox import SANDBOX_UID, check_program, execute_code, sandbox_capabilities
 
 ISOLATED = sandbox_capabilities()["isolated"]
 needs_isolation = pytest.mark.skipif(not ISOLATED, reason="namespaces/setuid not available (not root?)")

@@ -2,7 +2,7 @@
 Sandbox for running generated code (HumanEval-style evaluation, tool use): `execute_code(code)` runs the code in a
 fresh interpreter and returns an `ExecutionResult`; `check_program(...)` runs one HumanEval problem's tests.
 
-    from nanochat.execution import execute_code, sandbox_capabilities
+    from nanochat.sandbox import execute_code, sandbox_capabilities
     r = execute_code("print(1 + 1)")   # r.success, r.stdout == "2\\n", r.error, r.timeout, r.memory_exceeded
     sandbox_capabilities()             # which isolation mechanisms are actually active on this machine
 
