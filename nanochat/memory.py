@@ -170,8 +170,8 @@ def activation_bytes(derived, device_batch_size, dtype, device_type="cpu", atten
                      + 2 * N * 4 * C * c)                # relu output, its square (c_proj input)
             if c < 4:  # each Linear keeps its weight cast to the compute dtype
                 saved += c * sum(m * n for m, n in _layer_matrices(derived, i))
-        if attention_backend == "sdpa" and windows[i] < T - 1:
-            saved += T * T * c                            # the sliding-window mask, as a float bias
+        if attention_backend == "sdpa" and windows[i] < T - 1 and windows[i] not in windows[:i]:
+            saved += T * T * c  # the sliding-window mask, a float bias built once per shape and shared by its layers
         per_layer.append(saved + small)
     if compiled:
         embedding, head = 2 * N * C * c, N * C * c
