@@ -10,6 +10,9 @@ Endpoints:
     POST /v1/chat/completions   {"messages": [...], "temperature", "top_k", "max_tokens", "seed", "stream"}
                                 -> a chat.completion, or with stream=true a text/event-stream of
                                    `data: {chat.completion.chunk}` lines ending with `data: [DONE]`
+    POST /v1/completions        {"prompt": str, "max_tokens", "temperature", "top_k", "seed", "stop", "echo",
+                                 "stream"} -> a text_completion (or its stream): the prompt encoded as the reference
+                                 samples a base model (BOS, then the prompt's tokens), continued as plain text
     GET  /v1/models             -> {"object": "list", "data": [{"id": model_name, ...}]}
     GET  /health                -> {"status": "ok", "ready": true, "busy": bool, "model": model_name}
 
@@ -131,10 +134,46 @@ def parse_request(body):
     if clean[-1]["role"] != "user":
         raise RequestError(f"messages[{len(clean) - 1}] must be a user message (the last one is answered)",
                            f"messages[{len(clean) - 1}].role")
+    return {"messages": clean, **_sampling(body, body.get("max_tokens", body.get("max_completion_tokens")))}
+
+
+COMPLETION_MAX_TOKENS = 16   # the OpenAI default of /v1/completions
+MAX_STOPS = 4
+
+
+def parse_completion_request(body):
+    """Validate a /v1/completions body -> {prompt, stop, echo, temperature, top_k, max_tokens, seed, stream,
+    include_usage}. Raises RequestError naming the first problem."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError("prompt must be a string (or a list of one string)", "prompt")
+    if len(prompt) > MAX_TOTAL_CHARS:
+        raise RequestError(f"prompt is too long: {len(prompt)} characters (at most {MAX_TOTAL_CHARS})", "prompt")
+    stop = body.get("stop")
+    stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if (not isinstance(stop, list) or len(stop) > MAX_STOPS
+            or not all(isinstance(x, str) and x for x in stop)):
+        raise RequestError(f"stop must be a non-empty string or a list of at most {MAX_STOPS} of them", "stop")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise RequestError(f"echo must be true or false, got {echo!r}", "echo")
+    for name in ("logprobs", "suffix"):
+        if body.get(name) is not None:
+            raise RequestError(f"{name} is not supported", name)
+    max_tokens = body.get("max_tokens")
+    return {"prompt": prompt, "stop": stop, "echo": echo,
+            **_sampling(body, COMPLETION_MAX_TOKENS if max_tokens is None else max_tokens)}
+
+
+def _sampling(body, max_tokens):
+    """The options both endpoints share: n (must be 1), temperature, top_k, max_tokens, seed, stream."""
     n = body.get("n", 1)
     if n != 1:
         raise RequestError(f"n must be 1 (one choice per request), got {n!r}", "n")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
     seed = body.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(f"seed must be an integer, got {seed!r}", "seed")
@@ -143,7 +182,6 @@ def parse_request(body):
         raise RequestError(f"stream must be true or false, got {stream!r}", "stream")
     options = body.get("stream_options") or {}
     return {
-        "messages": clean,
         "temperature": _number(body, "temperature", 0, 2, integer=False),
         "top_k": _number(body, "top_k", 0, 200, integer=True),
         "max_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 1, 4096, integer=True),
@@ -174,6 +212,14 @@ class ChatService:
             return ids
         bos = tok.get_bos_token_id()
         return trim_tokens(tok.encode(request["messages"][-1]["content"], prepend=bos), budget, bos)
+
+    def completion_ids(self, request):
+        """A /v1/completions prompt as the reference samples a base model: BOS, then the prompt's tokens (the
+        oldest ones dropped when it would not fit with max_tokens in sequence_len)."""
+        tok = self.tokenizer
+        budget = prompt_budget(self.model.config.sequence_len, request["max_tokens"])
+        bos = tok.get_bos_token_id()
+        return trim_tokens(tok.encode(request["prompt"], prepend=bos), budget, bos)
 
     def generate(self, request, prompt):
         """Yields the reply's text pieces (UTF-8 safe), then returns (completion_tokens, finish_reason)."""
@@ -246,7 +292,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         path = self.path.split("?")[0].rstrip("/")
-        if path != "/v1/chat/completions":
+        parse = {"/v1/chat/completions": parse_request, "/v1/completions": parse_completion_request}.get(path)
+        if parse is None:
             self._error(RequestError(f"no such endpoint: POST {path or '/'}", status=404, kind="not_found_error"))
             return
         try:
@@ -274,11 +321,13 @@ class Handler(BaseHTTPRequestHandler):
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RequestError(f"the request body is not valid JSON: {e}") from None
-            request = parse_request(body)
+            request = parse(body)
         except RequestError as e:
             self._error(e)
             return
-        if request["stream"]:
+        if path == "/v1/completions":
+            self._text_completion(request)
+        elif request["stream"]:
             self._stream(request)
         else:
             self._complete(request)
@@ -333,6 +382,63 @@ class Handler(BaseHTTPRequestHandler):
             if request["include_usage"]:
                 send(dict(base, choices=[], usage={"prompt_tokens": len(prompt), "completion_tokens": count,
                                                    "total_tokens": len(prompt) + count}))
+            send("[DONE]")
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):   # client gone or stuck: stop, free the lock
+            gen.close()
+
+
+    def _text_completion(self, request):
+        """/v1/completions, streaming or not. Stop strings end the text before them (finish_reason "stop"); while
+        streaming, the last len(longest stop) - 1 characters are held back until they cannot begin one."""
+        s = self.service
+        prompt = s.completion_ids(request)
+        stops, hold = request["stop"], max((len(x) for x in request["stop"]), default=1) - 1
+        base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": s.model_name}
+
+        def choice(text, finish=None):
+            return dict(base, choices=[{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}])
+
+        def send(payload):
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+
+        stream = request["stream"]
+        if stream:
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+        text = request["prompt"] if request["echo"] else ""
+        start, sent, count = len(text), 0, None   # stop strings are looked for in the generated text only
+        gen = s.generate(request, prompt)
+        try:
+            while True:
+                try:
+                    text += next(gen)
+                except StopIteration as done:
+                    count, finish = done.value
+                    break
+                found = [i for i in (text.find(x, max(start, sent - hold)) for x in stops) if i >= 0]
+                if found:
+                    text, finish = text[:min(found)], "stop"
+                    gen.close()   # frees the model lock
+                    break
+                if stream and len(text) - hold > sent:
+                    send(choice(text[sent:len(text) - hold]))
+                    sent = len(text) - hold
+            if count is None:   # ended at a stop string: the tokens of what is kept
+                count = len(s.tokenizer.encode(text[start:]))
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": count, "total_tokens": len(prompt) + count}
+            if not stream:
+                self._send_json(200, dict(choice(text, finish), usage=usage))
+                return
+            if len(text) > sent:
+                send(choice(text[sent:]))
+            send(choice("", finish))
+            if request["include_usage"]:
+                send(dict(base, choices=[], usage=usage))
             send("[DONE]")
         except (BrokenPipeError, ConnectionResetError, TimeoutError):   # client gone or stuck: stop, free the lock
             gen.close()

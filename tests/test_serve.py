@@ -44,10 +44,10 @@ def base_url(tiny_checkpoint, tiny_tokenizer_dir):
     server.server_close()
 
 
-def post(url, body, raw=None):
-    """(status, parsed JSON or raw text) of a POST to /v1/chat/completions."""
+def post(url, body, raw=None, path="/v1/chat/completions"):
+    """(status, parsed JSON or raw text) of a POST to `path`."""
     data = raw if raw is not None else json.dumps(body).encode()
-    req = urllib.request.Request(url + "/v1/chat/completions", data=data,
+    req = urllib.request.Request(url + path, data=data,
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -213,7 +213,7 @@ def test_bad_http_level_requests(chat_url):
     response = conn.getresponse()
     assert response.status == 413 and "too large" in json.loads(response.read())["error"]["message"]
     conn.close()
-    req = urllib.request.Request(chat_url + "/v1/completions", data=b"{}")
+    req = urllib.request.Request(chat_url + "/v1/embeddings", data=b"{}", headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code == 404
@@ -316,3 +316,91 @@ def test_cli_serve_subprocess(nanorun_home, tiny_checkpoint, tiny_tokenizer_dir)
                          capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         f"error: unknown run 'nope' (no run directory in {os.path.join(nanorun_home, 'runs')}; see `nanorun runs`)"]
+
+
+# -----------------------------------------------------------------------------
+# /v1/completions: plain text in, plain text out (base models)
+
+
+def complete(url, body):
+    return post(url, body, path="/v1/completions")
+
+
+def test_text_completion_is_the_reference_sampling_prompt(base_url, tiny_tokenizer_dir):
+    from nanochat.tokenizer import Tokenizer
+    tok = Tokenizer.from_directory(tiny_tokenizer_dir)
+    status, out = complete(base_url, {"prompt": "the king walked", "max_tokens": 6, "temperature": 0})
+    assert status == 200, out
+    assert out["object"] == "text_completion" and out["id"].startswith("cmpl-") and out["model"] == "tiny-base"
+    (choice,) = out["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None and choice["finish_reason"] in ("length", "stop")
+    # BOS, then the prompt's tokens: what the base model's chat endpoint feeds for a lone user message too
+    assert out["usage"]["prompt_tokens"] == len(tok.encode("the king walked", prepend=tok.get_bos_token_id()))
+    _, chat = post(base_url, {"messages": user("the king walked"), "max_tokens": 6, "temperature": 0})
+    assert choice["text"] == chat["choices"][0]["message"]["content"]
+    assert out["usage"] == chat["usage"]
+    _, again = complete(base_url, {"prompt": ["the king walked"], "max_tokens": 6, "temperature": 0})
+    assert again["choices"][0]["text"] == choice["text"]
+    _, echoed = complete(base_url, {"prompt": "the king walked", "max_tokens": 6, "temperature": 0, "echo": True})
+    assert echoed["choices"][0]["text"] == "the king walked" + choice["text"]
+    _, default = complete(base_url, {"prompt": "the king walked", "temperature": 0})
+    assert default["usage"]["completion_tokens"] <= 16   # OpenAI's default max_tokens for completions
+
+
+def test_text_completion_stop_strings_and_streaming(base_url):
+    body = {"prompt": "the", "max_tokens": 24, "temperature": 0}
+    _, full = complete(base_url, body)
+    text = full["choices"][0]["text"]
+    assert len(text) >= 6, text
+    stop = text[3:6]
+    want = text[:text.find(stop)]
+    _, cut = complete(base_url, dict(body, stop=[stop, "\u0000never"]))
+    assert cut["choices"][0]["text"] == want and cut["choices"][0]["finish_reason"] == "stop"
+    for options in ({}, {"stop": stop}, {"echo": True}):
+        status, raw = complete(base_url, dict(body, stream=True, stream_options={"include_usage": True}, **options))
+        assert status == 200
+        events = sse_events(raw)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert all(c["object"] == "text_completion" for c in chunks)
+        streamed = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        _, plain = complete(base_url, dict(body, **options))
+        assert streamed == plain["choices"][0]["text"]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == plain["choices"][0]["finish_reason"] and not any(finishes[:-1])
+        assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+
+
+def test_text_completion_with_the_openai_client(base_url):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    out = client.completions.create(model="tiny-base", prompt="the king walked", max_tokens=5, temperature=0)
+    assert out.object == "text_completion" and out.choices[0].text and out.usage.completion_tokens == 5
+    stream = client.completions.create(model="tiny-base", prompt="the king walked", max_tokens=5, temperature=0,
+                                       stream=True)
+    assert "".join(c.choices[0].text for c in stream if c.choices) == out.choices[0].text
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-base", prompt="x", stop=["a", "b", "c", "d", "e"])
+    assert "stop must be" in str(e.value)
+
+
+BAD_COMPLETIONS = [
+    ({}, "prompt must be a string", "prompt"),
+    ({"prompt": ["a", "b"]}, "prompt must be a string", "prompt"),
+    ({"prompt": [1, 2, 3]}, "prompt must be a string", "prompt"),
+    ({"prompt": "x" * 32001}, "prompt is too long: 32001", "prompt"),
+    ({"prompt": "x", "stop": ""}, "stop must be a non-empty string", "stop"),
+    ({"prompt": "x", "stop": 3}, "stop must be", "stop"),
+    ({"prompt": "x", "echo": "yes"}, "echo must be true or false", "echo"),
+    ({"prompt": "x", "logprobs": 2}, "logprobs is not supported", "logprobs"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens must be in [1, 4096]", "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, "temperature must be in [0, 2]", "temperature"),
+    ({"prompt": "x", "n": 3}, "n must be 1", "n"),
+]
+
+
+@pytest.mark.parametrize("body,message,param", BAD_COMPLETIONS, ids=[b[1][:30] for b in BAD_COMPLETIONS])
+def test_bad_text_completion_requests(base_url, body, message, param):
+    status, out = complete(base_url, body)
+    assert status == 400, out
+    assert message in out["error"]["message"] and out["error"]["param"] == param
