@@ -33,7 +33,8 @@ from runners.cli_chat import ChatInputError, resolve_target
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="nanorun home (default: $NANORUN_HOME or ~/.cache/nanorun).")
 def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, home):
-    """Serve a run's checkpoint as an OpenAI-compatible chat API and a web chat page.
+    """Serve a run's checkpoint as an OpenAI-compatible API (/v1/chat/completions, and /v1/completions for plain
+    text, e.g. a base model) and a web chat page.
 
     Example: nanorun serve cpu_demo --port 8000, then open http://127.0.0.1:8000/ in a browser or use
     base_url http://127.0.0.1:8000/v1 with any OpenAI client.
