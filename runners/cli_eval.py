@@ -69,7 +69,7 @@ def _plan_env(record):
 
 
 def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None, device_batch_size=None,
-                split_tokens=None, bundle_dir=None):
+                split_tokens=None, bundle_dir=None, data_dir=None):
     """The base_eval config.json (minus out_dir) for one checkpoint of a recorded run: the run's own
     base_eval options (from its plan) overridden by the given ones. Raises EvalInputError naming what is missing."""
     if suite not in SUITES:
@@ -84,10 +84,11 @@ def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None,
     tok_dir = _stage_dir(record, "tok_train", home)
     if not tok_dir or not os.path.isdir(os.path.join(tok_dir, "tokenizer")):
         raise EvalInputError(f"run {run_id} has no trained tokenizer (tok_train stage {tok_dir or 'missing'})")
-    data_dir = _stage_dir(record, "data", home)
+    data_dir = _data_dir(data_dir) if data_dir else _stage_dir(record, "data", home)
     evals = SUITES[suite]
     if "bpb" in evals and not data_dir:
-        raise EvalInputError(f"run {run_id} has no data stage: --suite {suite} needs its data for bits per byte")
+        raise EvalInputError(f"run {run_id} has no data stage: --suite {suite} needs data for bits per byte "
+                             "(pass --data-dir: a data stage directory, or a folder of parquet shards, the last one held out)")
     train_params, _ = _plan_params(record, "base_train")
     params, _ = _plan_params(record, "base_eval")
     params.setdefault("device_type", train_params.get("device_type") or
@@ -99,6 +100,18 @@ def eval_config(record, run_id, home, suite="all", step=None, max_per_task=None,
             params[name] = value
     return {**params, "eval": evals, "step": step, "checkpoint_dir": ckpt_dir,
             "tokenizer_dir": os.path.join(tok_dir, "tokenizer"), "data_dir": data_dir}
+
+
+def _data_dir(path):
+    """--data-dir: a data stage directory (manifest.json) or a folder of >= 2 parquet shards (the last one val)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise EvalInputError(f"--data-dir {path}: not a directory")
+    shards = [f for f in os.listdir(path) if f.endswith(".parquet")]
+    if not os.path.exists(os.path.join(path, "manifest.json")) and len(shards) < 2:
+        raise EvalInputError(f"--data-dir {path}: no manifest.json and {len(shards)} parquet file(s) "
+                             "(need train shards and a last, held-out val shard)")
+    return path
 
 
 def _pick_step(run_id, ckpt_dir, step):
@@ -289,12 +302,16 @@ def summary_lines(run_id, entry, result, cached):
 @click.option("--device-batch-size", type=int, default=None,
               help="Rows per forward (chat: prompts per categorical batch; default: the run's).")
 @click.option("--split-tokens", type=int, default=None, help="Tokens per split for bits per byte (default: the run's).")
+@click.option("--data-dir", type=click.Path(), default=None,
+              help="Data for bits per byte instead of the run's data stage (e.g. for an imported run): a data stage "
+                   "directory or a folder of parquet shards, the last one held out.")
 @click.option("--bundle-dir", type=click.Path(file_okay=False), default=None,
               help="CORE bundle directory (default $NANORUN_HOME/eval_bundle; see `nanorun data core-bundle`).")
 @click.option("--nproc", type=int, default=None, help="Processes (default: the run's base_eval/base_train count).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not echo the evaluation's output (it is still in stdout.log).")
-def eval_command(run, suite, step, max_per_task, device_batch_size, split_tokens, bundle_dir, nproc, yes, quiet):
+def eval_command(run, suite, step, max_per_task, device_batch_size, split_tokens, data_dir, bundle_dir, nproc, yes,
+                 quiet):
     """Re-evaluate a checkpoint of a recorded run in a new stage directory, record it in the run and the registry.
     RUN is a run id, a unique prefix of one, or a spec name (its newest run). Same inputs => the result is reused.
 
@@ -303,7 +320,8 @@ def eval_command(run, suite, step, max_per_task, device_batch_size, split_tokens
     if nproc is not None and nproc < 1:
         raise EvalInputError(f"--nproc: must be >= 1 (got {nproc})")
     job = prepare_eval(run, nproc=nproc, suite=suite, step=step, max_per_task=max_per_task,
-                       device_batch_size=device_batch_size, split_tokens=split_tokens, bundle_dir=bundle_dir)
+                       device_batch_size=device_batch_size, split_tokens=split_tokens, bundle_dir=bundle_dir,
+                       data_dir=data_dir)
     if not job["cached"]:
         click.echo(f"evaluate run {job['run_id']} at step {job['config']['step']}: {job['config']['eval']} "
                    f"on {job['nproc']} process(es) ({job['config'].get('device_type') or 'auto'}) in {job['dir']}")

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -190,6 +191,15 @@ def test_eval_errors_are_one_line(tiny_run, nanorun_home, tiny_data_dir, tiny_to
     with open(os.path.join(other, "run.json"), "w") as f:
         json.dump(record, f)
     assert "has no base_train stage" in fails("eval", "tiny-0456", "--yes")
+    # bits per byte on other data: a folder of parquet shards is checked before anything runs
+    assert "not a directory" in fails("eval", "tiny-0123", "--suite", "bpb", "--data-dir", "/nonexistent", "--yes")
+    assert "no manifest.json and 0 parquet file(s)" in fails("eval", "tiny-0123", "--suite", "bpb", "--data-dir",
+                                                           os.path.dirname(tiny_run), "--yes")
+    from runners.cli_eval import prepare_eval
+    elsewhere = os.path.join(os.path.dirname(tiny_run), "other_data")
+    shutil.copytree(tiny_data_dir, elsewhere)
+    own, other = prepare_eval("tiny-0123", suite="bpb"), prepare_eval("tiny-0123", suite="bpb", data_dir=elsewhere)
+    assert other["config"]["data_dir"] == elsewhere and other["key"] != own["key"]
     assert not [s for s in _run_json(tiny_run)["stages"] if s.get("adhoc")]  # nothing recorded by failures
 
 
