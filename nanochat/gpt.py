@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from nanochat.attention import attention
 from nanochat.common import COMPUTE_DTYPE
 from nanochat.loss import softcap_cross_entropy
-from nanochat.scaling import SMEAR_CHANNELS, VE_GATE_CHANNELS, has_value_embedding, padded_vocab_size, window_sizes
+from nanochat.scaling import (SMEAR_CHANNELS, VE_GATE_CHANNELS, dmodel_lr_scale, has_value_embedding,
+                              padded_vocab_size, window_sizes)
 
 ROPE_BASE = 100_000
 QK_SCALE = 1.2      # applied to q and k after QK-norm ("sharper attention")
@@ -248,7 +249,7 @@ class GPT(nn.Module):
         wherever the table uses them (so the defaults reproduce the table exactly)."""
         from nanochat.optim import MuonAdamW
         b1, b2 = adam_betas
-        dscale = (self.config.n_embd / 768) ** -0.5
+        dscale = dmodel_lr_scale(self.config.n_embd)
 
         def adamw(name, params, lr, betas, wd):
             return {"name": name, "kind": "adamw", "params": list(params), "lr": lr, "betas": betas,

@@ -87,6 +87,11 @@ def flops_per_token(depth, vocab_size=32768, aspect_ratio=64, head_dim=128, sequ
     return 6 * matmul_params(depth, vocab_size, aspect_ratio, head_dim) + attn
 
 
+def dmodel_lr_scale(n_embd):
+    """(C / 768)^-0.5: the AdamW groups' LR scale for model width (reference section 4.1), the one place it lives."""
+    return (n_embd / 768) ** -0.5
+
+
 def auto_total_batch_size(target_tokens, ref_tokens):
     """B = 2^round(log2(B_REF * (D/D_REF)^0.383)), rounded to a power of two."""
     return 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** BATCH_EXPONENT))
@@ -112,7 +117,7 @@ def resolve_training(depth, *, vocab_size=32768, aspect_ratio=64, head_dim=128, 
     B = total_batch_size if total_batch_size > 0 else auto_total_batch_size(target_tokens, ref_tokens)
     batch_lr_scale = math.sqrt(B / B_REF)
     weight_decay_scaled = weight_decay * math.sqrt(B / B_REF) * (ref_tokens / target_tokens)
-    dmodel_lr_scale = (dims["n_embd"] / 768) ** -0.5
+    width_lr_scale = dmodel_lr_scale(dims["n_embd"])
 
     if num_iterations > 0:
         iterations, horizon = num_iterations, "num_iterations"
@@ -150,7 +155,7 @@ def resolve_training(depth, *, vocab_size=32768, aspect_ratio=64, head_dim=128, 
         "tokens_per_param": total_tokens / n_scaling,
         "total_flops": fpt * total_tokens,
         "batch_lr_scale": batch_lr_scale,
-        "dmodel_lr_scale": dmodel_lr_scale,
+        "dmodel_lr_scale": width_lr_scale,
         "weight_decay_scaled": weight_decay_scaled,
         # learning rates as base_train hands them to the optimizer (AdamW groups also get dmodel_lr_scale there)
         "embedding_lr": embedding_lr * batch_lr_scale,
