@@ -97,6 +97,25 @@ def auto_total_batch_size(target_tokens, ref_tokens):
     return 2 ** round(math.log2(B_REF * (target_tokens / ref_tokens) ** BATCH_EXPONENT))
 
 
+# the knobs resolve_training reads from a spec (model + train sections) or from base_train's flags, by name
+TRAINING_KNOBS = ("depth", "aspect_ratio", "head_dim", "max_seq_len", "window_pattern", "num_iterations",
+                  "target_flops", "target_param_data_ratio", "total_batch_size", "embedding_lr", "unembedding_lr",
+                  "matrix_lr", "scalar_lr", "weight_decay")
+
+
+def resolve_from(*sources, **given):
+    """resolve_training with every knob of TRAINING_KNOBS read by name from the first of `sources` (objects: a
+    spec's model and train sections, or base_train's parsed flags) that has it; `given` (vocab_size,
+    device_batch_size, world_size) is passed as is. The planner and the stage call this, so they cannot drift."""
+    knobs = {}
+    for name in TRAINING_KNOBS:
+        source = next((src for src in sources if hasattr(src, name)), None)
+        if source is None:
+            raise TypeError(f"resolve_from: no source has the knob {name!r}")
+        knobs[name] = getattr(source, name)
+    return resolve_training(knobs.pop("depth"), **knobs, **given)
+
+
 def resolve_training(depth, *, vocab_size=32768, aspect_ratio=64, head_dim=128, max_seq_len=2048,
                      window_pattern="SSSL", num_iterations=-1, target_flops=-1.0, target_param_data_ratio=12.0,
                      device_batch_size=32, total_batch_size=-1, world_size=1,

@@ -182,13 +182,8 @@ def _stage_params(spec, name, derived, dtype):
 
 def _resolve(spec, device_batch_size):
     m, t, hw = spec.model, spec.train, spec.hardware
-    return scaling.resolve_training(
-        m.depth, vocab_size=spec_vocab_size(spec), aspect_ratio=m.aspect_ratio, head_dim=m.head_dim,
-        max_seq_len=m.max_seq_len, window_pattern=m.window_pattern, num_iterations=t.num_iterations,
-        target_flops=t.target_flops, target_param_data_ratio=t.target_param_data_ratio,
-        device_batch_size=device_batch_size, total_batch_size=t.total_batch_size, world_size=hw.world_size,
-        embedding_lr=t.embedding_lr, unembedding_lr=t.unembedding_lr, matrix_lr=t.matrix_lr, scalar_lr=t.scalar_lr,
-        weight_decay=t.weight_decay)
+    return scaling.resolve_from(m, t, vocab_size=spec_vocab_size(spec), device_batch_size=device_batch_size,
+                                world_size=hw.world_size)
 
 
 def memory_capacity(spec, caps):

@@ -216,13 +216,8 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
     vocab_size = tokenizer.get_vocab_size()
     token_bytes = tokenizer.token_bytes().to(device)
-    r = scaling.resolve_training(
-        args.depth, vocab_size=vocab_size, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
-        max_seq_len=args.max_seq_len, window_pattern=args.window_pattern, num_iterations=args.num_iterations,
-        target_flops=args.target_flops, target_param_data_ratio=args.target_param_data_ratio,
-        device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size, world_size=world_size,
-        embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr, matrix_lr=args.matrix_lr,
-        scalar_lr=args.scalar_lr, weight_decay=args.weight_decay)
+    r = scaling.resolve_from(args, vocab_size=vocab_size, device_batch_size=args.device_batch_size,
+                             world_size=world_size)
     N, B, T, dbs = r["num_iterations"], r["total_batch_size"], args.max_seq_len, args.device_batch_size
     grad_accum = r["grad_accum_steps"]
     warmup_steps = round(args.warmup_ratio * N) if args.warmup_ratio >= 0 else args.warmup_steps
