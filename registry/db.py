@@ -143,10 +143,37 @@ _VIEWS = [
     FROM run_summary""",
 ]
 
+# Studies (registry.studies): the study records under $NANORUN_HOME/studies, their cells with the numbers the fits
+# use (N per parameter convention, tokens, FLOPs, val bpb, CORE), and the isoFLOP fits (registry.scaling_fit): one
+# row per budget, one row of laws per study x convention x metric. Rewritten by `registry rebuild` and `study show`.
+_V4_STUDIES = [
+    """CREATE TABLE studies (
+        study VARCHAR PRIMARY KEY, spec_path VARCHAR, spec_hash VARCHAR, status VARCHAR, grid_json VARCHAR,
+        seeds INTEGER, n_cells INTEGER, n_retired INTEGER, created_at DOUBLE, updated_at DOUBLE, applies INTEGER,
+        study_dir VARCHAR, ingested_at DOUBLE)""",
+    """CREATE TABLE study_cells (
+        study VARCHAR, cell INTEGER, run_id VARCHAR, name VARCHAR, overrides_json VARCHAR, budget DOUBLE,
+        depth INTEGER, seed BIGINT, recorded_status VARCHAR, state VARCHAR, retired BOOLEAN, n_scaling DOUBLE,
+        n_all DOUBLE, n_matrices DOUBLE, tokens DOUBLE, flops DOUBLE, val_bpb DOUBLE, core_metric DOUBLE,
+        wall_seconds DOUBLE, error VARCHAR)""",
+    """CREATE TABLE scaling_optima (
+        study VARCHAR, params VARCHAR, metric VARCHAR, budget DOUBLE, n_points INTEGER, n_star DOUBLE,
+        d_star DOUBLE, ratio DOUBLE, value_at_vertex DOUBLE, n_min DOUBLE, n_max DOUBLE, flags VARCHAR[],
+        error VARCHAR, fitted_at DOUBLE)""",
+    # N* = a_coefficient * C^a, D* = b_coefficient * C^b, metric at the optimum = value_coefficient * C^value_exponent
+    """CREATE TABLE scaling_fits (
+        study VARCHAR, params VARCHAR, metric VARCHAR, n_budgets INTEGER, used_budgets DOUBLE[],
+        a DOUBLE, a_low DOUBLE, a_high DOUBLE, a_coefficient DOUBLE, b DOUBLE, b_low DOUBLE, b_high DOUBLE,
+        b_coefficient DOUBLE, value_exponent DOUBLE, value_coefficient DOUBLE, ratio_mean DOUBLE, ratio_min DOUBLE,
+        ratio_max DOUBLE, resamples INTEGER, valid_resamples INTEGER, seed BIGINT, confidence DOUBLE,
+        reason VARCHAR, fitted_at DOUBLE)""",
+]
+
 MIGRATIONS = [
     _V1_TABLES,
     _VIEWS,   # v2: CORE task counts without the aggregate event, slash metric names, train wall time, cost NULL at $0
     _VIEWS,   # v3: run_summary takes CORE from the newest base_eval that computed it (ad-hoc `nanorun eval` runs)
+    _V4_STUDIES,   # v4: studies, study_cells, scaling_optima, scaling_fits (issue 12)
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -332,8 +332,9 @@ def _remove_dead_temps(path):
 
 
 def rebuild(home=None, timeout=10.0):
-    """Recreate registry.duckdb from the run directories. The new database is built in a temp file and
-    renamed over the old one, so a crash mid-rebuild leaves the old database intact. Returns the run ids."""
+    """Recreate registry.duckdb from the run directories (and the study tables from $NANORUN_HOME/studies). The
+    new database is built in a temp file and renamed over the old one, so a crash mid-rebuild leaves the old
+    database intact. Returns the run ids."""
     home = home or rundir.home()
     path = registry_path(home)
     tmp = f"{path}.rebuild-{os.getpid()}"
@@ -344,6 +345,8 @@ def rebuild(home=None, timeout=10.0):
         out, run_ids, keys = batch
         if run_ids:
             write_batch(con, out, run_ids, keys)
+        from registry.studies import write_all   # numpy, only when rebuilding
+        write_all(con, home, warn=lambda message: print(message, file=sys.stderr))
         con.execute("CHECKPOINT")
     except BaseException:
         con.close()

@@ -279,8 +279,8 @@ def leaderboard(as_json, show_all):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of row objects.")
 @click.option("--csv", "as_csv", is_flag=True, help="Print CSV with a header row.")
 def query(sql, as_json, as_csv):
-    """Run read-only SQL over the registry (tables runs, stages, metrics, evals, samples, stage_results;
-    views run_summary, leaderboard) and print an aligned table.
+    """Run read-only SQL over the registry (tables runs, stages, metrics, evals, samples, stage_results, studies,
+    study_cells, scaling_optima, scaling_fits; views run_summary, leaderboard) and print an aligned table.
 
     Example: nanorun query "select name, step, value from metrics join stages using (key) where name = 'val_bpb'"
     """

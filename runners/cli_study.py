@@ -5,6 +5,8 @@ Study commands of the nanorun CLI. `nanorun plan` and `nanorun apply` hand a spe
     nanorun plan specs/scaling_laws.yaml [--json]
     nanorun apply specs/scaling_laws.yaml --yes
     nanorun study status scaling_laws [--json]
+    nanorun study show scaling_laws [--params scaling|all|matrices] [--json]
+    nanorun study predict scaling_laws --flops 1e20 [--json]
 """
 
 import json
@@ -96,3 +98,62 @@ def status(name, as_json):
     from runners.study import render_status, study_status
     report = study_status(name)
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
+
+
+PARAMS_OPTION = click.option("--params", "convention", type=click.Choice(["scaling", "all", "matrices"]),
+                             default="scaling", show_default=True,
+                             help="Parameter count N: scaling = transformer matrices + lm_head (the reference's), "
+                                  "all, or transformer matrices only.")
+
+
+@study.command("show")
+@click.argument("name")
+@PARAMS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the fits as JSON.")
+def show(name, convention, as_json):
+    """The isoFLOP fit of a study: per FLOP budget, a quadratic of val bpb (and CORE) in log N whose vertex is the
+    compute-optimal N* (with D* and the tokens:params ratio), then N* ~ C^a and D* ~ C^b with bootstrap intervals.
+    The fit is also written to the registry (tables scaling_optima, scaling_fits).
+
+    Example: nanorun study show scaling_laws --params scaling
+    """
+    from registry.studies import fit_report
+    from runners.study_fit import record_fit, render_fit
+    report = fit_report(name, convention)
+    problem = record_fit(name, convention)
+    if problem:
+        click.echo(f"warning: the fit was not recorded in the registry: {problem}", err=True)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_fit(report))
+
+
+@study.command("predict")
+@click.argument("name")
+@click.option("--flops", required=True, help="The compute budget C in FLOPs, e.g. 1e20.")
+@PARAMS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the prediction as JSON.")
+def predict(name, flops, convention, as_json):
+    """What a study's laws imply for a budget: N*, D*, the tokens:params ratio and the val bpb at the optimum, and
+    the depth nearest N* (nanochat.scaling) with the tokens it would train on at that budget.
+
+    Example: nanorun study predict scaling_laws --flops 1e20
+    """
+    from registry.studies import predict_report
+    from runners.study_fit import parse_flops, render_predict
+    report = predict_report(name, parse_flops(flops), convention)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_predict(report))
+
+
+@main.command("compare")
+@click.argument("baseline")
+@click.argument("variant")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def compare(baseline, variant, as_json):
+    """Compare variant B with baseline A (runs or studies; a run stands for all the seeds of its recipe): the spec
+    diff, final val bpb mean +- std per side with Welch's t-test, and the compute multiplier (the FLOPs the
+    baseline needs to reach B's final val bpb, interpolated in log-log on its curve, over B's FLOPs).
+
+    Example: nanorun compare d12 d12_muon_wd
+    """
+    from runners.compare import compare as do_compare, render_compare
+    report = do_compare(baseline, variant)
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_compare(report))
