@@ -10,6 +10,8 @@ package (stages, runners, registry, tui) sees the same layout and the same error
         checkpoints/                  model_{step:06d}.pt + meta_{step:06d}.json; a step is complete once its meta
                                       file exists beside its model file (the meta is written last)
         result.json                   written last, atomically: the stage's success marker (write_result)
+      studies/{name}/                 one study (runners.study): study.json (its cells and their run ids),
+                                      cells/{run_id}.yaml, logs/{run_id}.log
       hardware/                       measured device facts (matmul peaks), cached per machine (nanochat.probe)
       registry.duckdb                 rebuilt from the directories above at any time (registry)
 
@@ -47,6 +49,21 @@ def hardware_dir(base=None):
 
 def runs_dir(base=None):
     return os.path.join(base or home(), "runs")
+
+
+def studies_dir(base=None):
+    return os.path.join(base or home(), "studies")
+
+
+def study_dir(name, base=None):
+    return os.path.join(studies_dir(base), name)
+
+
+def study_names(base=None):
+    """Names of the study directories that hold a study.json, sorted."""
+    root = studies_dir(base)
+    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "study.json"))) \
+        if os.path.isdir(root) else []
 
 
 def run_dir(run_id, base=None):

@@ -31,14 +31,10 @@ MAX_DEPTH = 256
 
 # --- reading ----------------------------------------------------------------------------------------
 
-def studies_root(home=None):
-    return os.path.join(home or rundir.home(), "studies")
+studies_root = rundir.studies_dir
 
 
-def list_studies(home=None):
-    root = studies_root(home)
-    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "study.json"))) \
-        if os.path.isdir(root) else []
+list_studies = rundir.study_names
 
 
 def read_study(name, home=None):

@@ -42,14 +42,6 @@ def _fmt_num(x):
     return str(x)
 
 
-def _fmt_seconds(s):
-    if s < 90:
-        return f"{s:.0f}s"
-    if s < 5400:
-        return f"{s / 60:.1f}min"
-    return f"{s / 3600:.2f}h"
-
-
 def plan_report(plan, home=None):
     """Plan as JSON-able dict plus the state of each stage on disk (done / partial / pending)."""
     from nanochat.rundir import stage_state
@@ -96,6 +88,7 @@ def _fmt_memory(m):
 
 
 def render_plan(report):
+    from runners.plan import fmt_seconds
     lines = [f"run {report['run_id']}  (spec {report['spec_name']}, hash {report['spec_hash'][:12]})"]
     d = report["derived"]
     if d:
@@ -124,7 +117,7 @@ def render_plan(report):
     tight = []
     for s in report["stages"]:
         est = s["estimate"]
-        est_s = f"{est['flops']:.3g} FLOPs, {_fmt_seconds(est['seconds'])}" if est else "-"
+        est_s = f"{est['flops']:.3g} FLOPs, {fmt_seconds(est['seconds'])}" if est else "-"
         procs = f"{s['nnodes']}x{s['nproc_per_node']}"
         mem = _fmt_memory(s.get("memory"))
         if (s.get("memory") or {}).get("fits") is False:
@@ -138,7 +131,7 @@ def render_plan(report):
     todo = [s["stage"] for s in report["stages"] if s["state"] != "done"]
     if any(s["state"] == "n/a" for s in report["stages"]):
         lines.append("(n/a: this nanorun has no implementation of that stage yet; apply refuses to start)")
-    lines += ["", f"total    {t['flops']:.3g} FLOPs, ~{_fmt_seconds(t['seconds'])} of pretraining, ~${t['usd']:.2f}"
+    lines += ["", f"total    {t['flops']:.3g} FLOPs, ~{fmt_seconds(t['seconds'])} of pretraining, ~${t['usd']:.2f}"
                   f" on the spec's hardware (estimate assumes {'CPU' if not t['usd'] else 'GPU'} throughput; "
                   f"real figures land in the registry)",
               "to run:  " + (", ".join(todo) if todo else "nothing (all stages done)")]

@@ -180,6 +180,15 @@ def _stage_params(spec, name, derived, dtype):
     return {"device_type": device_type, "seed": spec.seed, **opts}  # sft, rl, chat_eval: their options as given
 
 
+def fmt_seconds(s):
+    """A duration for plans and progress lines: 42s, 12.5min, 3.20h."""
+    if s < 90:
+        return f"{s:.0f}s"
+    if s < 5400:
+        return f"{s / 60:.1f}min"
+    return f"{s / 3600:.2f}h"
+
+
 def _resolve(spec, device_batch_size):
     m, t, hw = spec.model, spec.train, spec.hardware
     return scaling.resolve_from(m, t, vocab_size=spec_vocab_size(spec), device_batch_size=device_batch_size,

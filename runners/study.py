@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 
 from nanochat import rundir
-from runners.plan import make_plan
+from runners.plan import fmt_seconds, make_plan
 from specs import dump_yaml, spec_hash
 from specs.errors import SpecError
 from specs.sweep import entry_name, show, split_path, which_cells
@@ -106,7 +106,7 @@ def preflight(splan):
 # --- the record and the cells' state on disk ----------------------------------------------------------
 
 def study_dir(name, home=None):
-    return os.path.join(home or rundir.home(), "studies", name)
+    return rundir.study_dir(name, home)
 
 
 def read_record(name, home=None):
@@ -248,12 +248,6 @@ def study_report(splan, home=None):
     }
 
 
-def fmt_seconds(s):
-    if s < 90:
-        return f"{s:.0f}s"
-    if s < 5400:
-        return f"{s / 60:.1f}min"
-    return f"{s / 3600:.2f}h"
 
 
 def _short(x):
@@ -308,10 +302,7 @@ def render_study(report):
 
 # --- the study as its record lists it (no spec needed) -----------------------------------------------
 
-def list_studies(home=None):
-    root = os.path.join(home or rundir.home(), "studies")
-    return sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "study.json"))) \
-        if os.path.isdir(root) else []
+list_studies = rundir.study_names
 
 
 def recorded_state(entry, home=None):
