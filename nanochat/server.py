@@ -332,6 +332,19 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._complete(request)
 
+    def _start_events(self):
+        """Answer 200 with a text/event-stream and return send(payload): one `data:` event (a dict as JSON)."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()   # HTTP/1.0: no length, the stream ends when the connection closes
+
+        def send(payload):
+            data = payload if isinstance(payload, str) else json.dumps(payload)
+            self.wfile.write(f"data: {data}\n\n".encode())
+            self.wfile.flush()
+        return send
+
     def _complete(self, request):
         s = self.service
         prompt = s.prompt_ids(request)
@@ -359,15 +372,7 @@ class Handler(BaseHTTPRequestHandler):
         def chunk(delta, finish=None):
             return dict(base, choices=[{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}])
 
-        def send(payload):
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()   # HTTP/1.0: no length, the stream ends when the connection closes
+        send = self._start_events()
         gen = s.generate(request, prompt)
         try:
             send(chunk({"role": "assistant", "content": ""}))
@@ -399,17 +404,8 @@ class Handler(BaseHTTPRequestHandler):
         def choice(text, finish=None):
             return dict(base, choices=[{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}])
 
-        def send(payload):
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
-
         stream = request["stream"]
-        if stream:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.end_headers()
+        send = self._start_events() if stream else None
         text = request["prompt"] if request["echo"] else ""
         start, sent, count = len(text), 0, None   # stop strings are looked for in the generated text only
         gen = s.generate(request, prompt)
