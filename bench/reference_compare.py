@@ -77,6 +77,9 @@ def build_parser():
     a("--eval-tokens", type=int, default=65536)
     a("--dtype", default="float32", help="compute dtype of both sides (NANOCHAT_DTYPE)")
     a("--loader-steps", type=int, default=None, help="steps of fed data to compare (default: num_iterations)")
+    a("--nanorun-compile", choices=["auto", "0", "1"], default="auto",
+      help="nanorun's --compile: auto = its default (eager on CPU in fp32, compiled in bf16 from 200 steps; "
+           "the reference always compiles)")
     a("--no-train", action="store_true", help="only compare the loaders and schedules")
     a("--reuse", action="store_true", help="keep any run whose log in WORK already reached the last eval")
     return p
@@ -252,7 +255,8 @@ def train_both(args, base):
         log = out + ".log"
         if not finished(args, log):
             shutil.rmtree(out, ignore_errors=True)  # a fresh run refuses a directory holding checkpoints
-            cmd = [sys.executable, "-m", "nanochat.stages.base_train", *train_flags(args), "--compile=0",
+            compile_flag = [] if args.nanorun_compile == "auto" else [f"--compile={args.nanorun_compile}"]
+            cmd = [sys.executable, "-m", "nanochat.stages.base_train", *train_flags(args), *compile_flag,
                    f"--dtype={args.dtype}", f"--data-dir={args.data_dir}", f"--tokenizer-dir={args.tokenizer_dir}",
                    f"--out-dir={out}", f"--seed={seed}"]
             run_logged(cmd, ROOT, {**os.environ, "PYTHONPATH": ROOT}, log)

@@ -56,6 +56,40 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight.to(x.dtype))
 
 
+class _EmbeddingFp32Grad(torch.autograd.Function):
+    """F.embedding whose weight gradient is summed in fp32, then cast to the weight's dtype.
+
+    Eager PyTorch on CPU accumulates an embedding's gradient in the weight's own dtype: for a bf16 table every
+    occurrence of a frequent token is added into one bf16 row, and the sum loses most of its precision: in a
+    d6 batch at init the wte and value-embedding gradients were 3-5x further from the fp32 ones than
+    torch.compile's, whose decomposition sums in fp32 (issue 16). CUDA's kernel already accumulates in fp32, so
+    this runs on CPU only."""
+
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.table = (weight.shape, weight.dtype)
+        return F.embedding(idx, weight)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (idx,), (shape, dtype) = ctx.saved_tensors, ctx.table
+        grad = torch.zeros(shape, dtype=torch.float32, device=grad_out.device)
+        grad.index_add_(0, idx.reshape(-1), grad_out.reshape(-1, shape[1]).float())
+        return None, grad.to(dtype)
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding (same parameter name, same forward) whose reduced-precision gradient on CPU is summed in
+    fp32 (_EmbeddingFp32Grad)."""
+
+    def forward(self, idx):
+        w = self.weight
+        if w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) and w.requires_grad:
+            return _EmbeddingFp32Grad.apply(idx, w)
+        return F.embedding(idx, w)
+
+
 def apply_rotary(x, cos, sin):
     """x (B,T,H,D); cos/sin (1,T,1,D/2). Half-split convention of the reference (rotates by -theta;
     kept for checkpoint compatibility): y1 = x1*cos + x2*sin, y2 = -x1*sin + x2*cos."""
@@ -113,25 +147,36 @@ class Block(nn.Module):
         self.mlp = MLP(config, device=device)
 
     def forward(self, x, ve, cos, sin, window, kv_cache):
-        x = x + self.attn(norm(x), ve, cos, sin, window, kv_cache)
-        return x + self.mlp(norm(x))
+        x = x + self.attn(norm(x).to(COMPUTE_DTYPE), ve, cos, sin, window, kv_cache)
+        return x + self.mlp(norm(x).to(COMPUTE_DTYPE))
 
 
 class GPT(nn.Module):
+    """Precision: Linear weights are fp32 masters cast to COMPUTE_DTYPE per call; wte and the value embeddings are
+    stored in COMPUTE_DTYPE (as the reference). When the model runs eagerly in bf16/fp16 on CPU, the residual stream (x,
+    x0, the backout copy, the lambda mixes) is kept in fp32 and each block reads it through norm(x) cast to the
+    compute dtype, so matmuls stay in bf16. Eager PyTorch would otherwise round after every add and mix -- and
+    round the scalar lambdas themselves to bf16, where a resid lambda near 1.1 moves in steps of 2^-7 -- while
+    torch.compile (which the reference always uses) fuses those chains in fp32. Eager bf16 training with a bf16
+    residual ended 0.031 val bpb behind the reference at depth 6 (issue 16, bench/RESULTS.md). Compiled graphs
+    are unchanged: they keep the residual in the compute dtype, as the reference's. GPUs are left as they were
+    (compiled by default in base_train; an fp32 residual would cost eager SFT/RL memory there, unmeasured)."""
+
     def __init__(self, config, pad_vocab_size_to=64, device=None):
         super().__init__()
         self.config = config
         self.chunked_loss = True  # nanochat.loss for the training/bpb loss; False = the plain full-logits path
+        self.fp32_residual = True  # eager bf16/fp16 on CPU: the residual stream in fp32 (class docstring)
         L, C = config.n_layer, config.n_embd
         V = padded_vocab_size(config.vocab_size, pad_vocab_size_to)
         kv_dim = config.n_kv_head * (C // config.n_head)
         self.window_sizes = window_sizes(L, config.sequence_len, config.window_pattern)
         self.transformer = nn.ModuleDict({
-            "wte": nn.Embedding(V, C, device=device),
+            "wte": Embedding(V, C, device=device),
             "h": nn.ModuleList([Block(config, i, device=device) for i in range(L)]),
         })
         self.lm_head = Linear(C, V, device=device)
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim, device=device)
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(V, kv_dim, device=device)
                                            for i in range(L) if has_value_embedding(i, L)})
         self.resid_lambdas = nn.Parameter(torch.empty(L, device=device))
         self.x0_lambdas = nn.Parameter(torch.empty(L, device=device))
@@ -285,6 +330,8 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, pos:pos + T], self.sin[:, pos:pos + T]
 
         x = norm(self.transformer.wte(idx).to(COMPUTE_DTYPE))                   # (B,T,C)
+        if self._fp32_residual(x):
+            x = x.float()
         # smear: mix the previous token's normalized embedding in through a gated scalar (starts at 0)
         prev = kv_cache.prev_embedding if kv_cache is not None else None
         gate = self.smear_lambda.to(x.dtype) * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS]))  # (B,T,1)
@@ -301,7 +348,7 @@ class GPT(nn.Module):
         x_backout = None
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
-            ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
+            ve = self.value_embeds[str(i)](idx).to(COMPUTE_DTYPE) if str(i) in self.value_embeds else None
             x = block(x, ve, cos, sin, self.window_sizes[i], kv_cache)
             if i == self.config.n_layer // 2:
                 x_backout = x
@@ -310,7 +357,7 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
 
-        x = norm(x)
+        x = norm(x).to(COMPUTE_DTYPE)
         if logit_positions is not None:  # eval only (CORE, no targets): the head only at (rows, positions) -> (N,V)
             x = x[logit_positions]
         if targets is not None and self._chunked_loss_ok(loss_reduction, x.device):
@@ -324,6 +371,11 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def _fp32_residual(self, x):
+        """Run the residual stream in fp32? Yes when eager in bf16/fp16 on CPU (see the class docstring)."""
+        return (self.fp32_residual and x.dtype != torch.float32 and x.device.type == "cpu"
+                and not torch.compiler.is_compiling())
 
     def _chunked_loss_ok(self, loss_reduction, device):
         """nanochat.loss computes head + softcap + CE in row chunks (no full logits tensor): used for the plain

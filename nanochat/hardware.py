@@ -125,6 +125,12 @@ DTYPES = ("bfloat16", "float16", "float32")
 # but only ~2-8% of a step at the demo's vocab 4096, and its first compile costs ~40 s with a cold inductor cache
 # (bench/RESULTS.md): base_train turns it on by default only for CPU runs at least this long
 COMPILE_OPTIMIZER_MIN_STEPS = 500
+# Eager bf16/fp16 on CPU trains measurably worse than the compiled model (the reference always compiles): at depth
+# 6, 400 steps, eager ended 0.031 val bpb behind while the compiled run tracked the reference (issue 16,
+# bench/RESULTS.md). Eager fp32 matches the reference. base_train therefore compiles by default on CPU when the
+# compute dtype is a half type and the run is at least this long (the first compile costs ~1-1.5 min and a
+# compiled d6 step is ~13% faster, so it about pays for itself here)
+COMPILE_MODEL_MIN_STEPS = 200
 SLOW_FACTOR = 4.0   # an explicit dtype measured this many times slower than the fastest is warned about
 
 # CPU features that mean a bf16 matmul runs on native instructions: x86 AVX-512 BF16 or AMX-BF16, Arm's BF16
@@ -132,6 +138,17 @@ SLOW_FACTOR = 4.0   # an explicit dtype measured this many times slower than the
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 # and a native fp16 matmul: Intel AMX-FP16 (Granite Rapids), Arm FP16 arithmetic ("asimdhp", macOS FEAT_FP16)
 _CPU_FP16_FLAGS = ("amx_fp16", "avx512_fp16", "asimdhp", "fp16")
+
+
+def default_compile(device_type, dtype, num_iterations):
+    """(on, why) for base_train's model compile left unset; the caller still checks that torch.compile works."""
+    if device_type == "cuda":
+        return True, "CUDA"
+    if device_type != "cpu" or dtype == "float32":
+        return False, f"{dtype} on {device_type}: eager matches the reference's compiled numerics"
+    if num_iterations < COMPILE_MODEL_MIN_STEPS:
+        return False, f"{num_iterations} steps < {COMPILE_MODEL_MIN_STEPS}: the compile would not pay for itself"
+    return True, f"{dtype} on CPU: eager trains worse than the compiled model (issue 16)"
 
 
 def cpu_native_dtypes(caps):

@@ -149,8 +149,10 @@ def activation_bytes(derived, device_batch_size, dtype, device_type="cpu", atten
     T = sequence_len or derived["sequence_len"]
     B, c = device_batch_size, _dtype_bytes(dtype)
     N, q, kv = B * T, H * D, Hkv * D
-    # rms_norm on CPU upcasts a half-precision input and saves the fp32 copy
-    ns = 4 if device_type == "cpu" and c < 4 else c
+    # rms_norm on CPU upcasts a half-precision input and saves the fp32 copy; eager on CPU the residual stream is
+    # fp32 in any dtype (gpt.GPT: its norms' inputs, the lambda mixes, x0, the backout copy)
+    qn = 4 if device_type == "cpu" and c < 4 else c
+    r = 4 if device_type == "cpu" else c
     windows = derived.get("window_sizes") or [T] * L
     per_layer = []
     for i in range(L):
@@ -161,12 +163,12 @@ def activation_bytes(derived, device_batch_size, dtype, device_type="cpu", atten
             # residual input, q, k, v, value embedding, attention output, attention-block output, MLP hidden
             saved = N * C * c + N * (q + 2 * kv) * c + ve + N * q * c + N * C * c + N * 4 * C * c
         else:
-            saved = (N * C * c * (1 if i > 0 else 0)     # residual-mix input (x0 for layer 0, counted once)
-                     + N * C * ns + N * C * c            # attention norm: input, output (c_q/c_k/c_v input)
-                     + N * (q + kv) * ns                 # QK-norm inputs (after rotary)
+            saved = (N * C * r * (1 if i > 0 else 0)     # residual-mix input (x0 for layer 0, counted once)
+                     + N * C * r + N * C * c             # attention norm: input, output (c_q/c_k/c_v input)
+                     + N * (q + kv) * qn                 # QK-norm inputs (after rotary)
                      + N * (q + 2 * kv) * c + ve         # SDPA's q, k, v
                      + N * q * c                         # attention output (c_proj input)
-                     + N * C * ns + N * C * c            # MLP norm: input, output (c_fc input)
+                     + N * C * r + N * C * c             # MLP norm: input, output (c_fc input)
                      + 2 * N * 4 * C * c)                # relu output, its square (c_proj input)
             if c < 4:  # each Linear keeps its weight cast to the compute dtype
                 saved += c * sum(m * n for m, n in _layer_matrices(derived, i))
@@ -176,10 +178,10 @@ def activation_bytes(derived, device_batch_size, dtype, device_type="cpu", atten
     if compiled:
         embedding, head = 2 * N * C * c, N * C * c
     else:
-        embedding = N * C * (ns + 2 * c)                  # wte output (norm input), normed x (smear), x0
-        head = N * C * ns + N * C * c                     # final norm input, the hidden state it feeds the loss
+        embedding = N * C * (qn + 2 * r)                  # wte output (norm input), normed x (smear), x0
+        head = N * C * r + N * C * c                      # final norm input, the hidden state it feeds the loss
         if L // 2 == L - 1:                               # backout saves the last layer's output (L <= 2)
-            head += N * C * c
+            head += N * C * r
         if c < 4:
             embedding += SMEAR_CHANNELS * c
     return {"per_layer": per_layer, "embedding": embedding, "head": head,

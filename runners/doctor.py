@@ -13,7 +13,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from nanochat import probe
-from nanochat.hardware import COMPILE_OPTIMIZER_MIN_STEPS, DTYPES, cpu_native_dtypes, mfu_peak_flops, resolve_dtype
+from nanochat.hardware import (COMPILE_MODEL_MIN_STEPS, COMPILE_OPTIMIZER_MIN_STEPS, DTYPES, cpu_native_dtypes,
+                               mfu_peak_flops, resolve_dtype)
 
 PACKAGES = ("nanorun", "torch", "torchao", "flash-attn", "triton", "numpy", "tiktoken", "tokenizers", "pyarrow",
             "duckdb", "textual", "wandb")
@@ -74,7 +75,9 @@ def doctor_report(measure=True, refresh=False):
         resolved[kind] = {
             "dtype": dtype["dtype"], "dtype_reason": dtype["reason"],
             "attention_backends": backends, "attention": auto_attention(kind, dtype["dtype"], backends),
-            "compile": kind == "cuda",
+            "compile": True if kind == "cuda" else (
+                f"on for {dtype['dtype']} runs of >= {COMPILE_MODEL_MIN_STEPS} steps (when torch.compile works)"
+                if kind == "cpu" and dtype["dtype"] != "float32" else False),
             "compile_optimizer": "with compile" if kind == "cuda"
             else f"on for runs of >= {COMPILE_OPTIMIZER_MIN_STEPS} steps (when torch.compile works)",
             "mfu_peak_flops": None if peak == float("inf") else peak, "mfu_peak_source": peak_source,
@@ -109,7 +112,8 @@ def render_doctor(report):
     for kind, r in report["auto"].items():
         lines.append(f"  {kind:<6} dtype -> {r['dtype']} ({r['dtype_reason']})")
         lines.append(f"         attention -> {r['attention']} (available: {', '.join(r['attention_backends'])})")
-        lines.append(f"         compile -> {'on' if r['compile'] else 'off'}, compile_optimizer -> {r['compile_optimizer']}")
+        comp = r["compile"] if isinstance(r["compile"], str) else ("on" if r["compile"] else "off")
+        lines.append(f"         compile -> {comp}, compile_optimizer -> {r['compile_optimizer']}")
         peak = f"{r['mfu_peak_flops']:.3g} FLOP/s" if r["mfu_peak_flops"] else "unknown"
         lines.append(f"         MFU peak -> {peak} ({r['mfu_peak_source']})")
     lines += ["", "versions " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if v),

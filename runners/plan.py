@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 
 from nanochat import memory, probe, rundir, scaling
-from nanochat.hardware import get_peak_flops, known_gpu_names, mfu_peak_flops, resolve_dtype
+from nanochat.hardware import default_compile, get_peak_flops, known_gpu_names, mfu_peak_flops, resolve_dtype
 from specs import spec_hash, stage_names, stage_options
 from specs import vocab_size as spec_vocab_size
 from specs.errors import SpecError
@@ -161,13 +161,15 @@ def _stage_params(spec, name, derived, dtype):
         m, t = _dump(spec.model), _dump(spec.train)
         run = t.pop("wandb_run", None)
         t.pop("dtype", None)
-        compile_ = t.pop("compile", None)
+        if t.get("compile") is None:  # left to base_train's default (nanochat.hardware.default_compile)
+            t.pop("compile", None)
         if t.get("compile_optimizer") is None:  # left to base_train's default (and out of the content key)
             t.pop("compile_optimizer", None)
         t["device_batch_size"] = derived["device_batch_size"]   # auto resolved from the memory estimate
         params = {**m, **t, "run": run or "dummy", "device_type": device_type, "seed": spec.seed,
-                  "compile": (1 if device_type == "cuda" else 0) if compile_ is None else int(compile_),
                   "dtype": dtype, "resume_from_step": -2}
+        if "compile" in params:
+            params["compile"] = int(params["compile"])
         params["vocab_size"] = derived["vocab_size"]  # informative; base_train reads the tokenizer
         return params
     if name == "base_eval":
@@ -203,9 +205,10 @@ def memory_capacity(spec, caps):
     return total // spec.hardware.gpus_per_node if caps.get("device_type") in ("cpu", "mps") else total
 
 
-def _memory_kwargs(spec, dtype):
+def _memory_kwargs(spec, dtype, num_iterations):
     kind = _device_type(spec)
-    compile_ = spec.train.compile if spec.train.compile is not None else kind == "cuda"
+    compile_ = (spec.train.compile if spec.train.compile is not None
+                else default_compile(kind, dtype, num_iterations)[0])
     return {"dtype": dtype, "world_size": spec.hardware.world_size, "device_type": kind,
             "attention_backend": "flex" if kind == "cuda" else "sdpa", "compile": bool(compile_)}
 
@@ -219,7 +222,7 @@ def _derive(spec, caps, dtype):
     except ValueError as e:
         raise SpecError(f"{spec.name}: train: {e}") from None
     capacity = memory_capacity(spec, caps)
-    kwargs = _memory_kwargs(spec, dtype)
+    kwargs = _memory_kwargs(spec, dtype, derived["num_iterations"])
     where = "device memory" if capacity else "memory unknown"
     if requested == "auto":
         if capacity is None:
@@ -253,7 +256,7 @@ def _memory(spec, name, params, derived, caps, dtype):
     if not derived or name not in MULTI_PROCESS_STAGES:
         return {}
     capacity = memory_capacity(spec, caps)
-    kwargs = _memory_kwargs(spec, dtype)
+    kwargs = _memory_kwargs(spec, dtype, derived["num_iterations"])
     T = derived["sequence_len"]
     if name == "base_train":
         est = memory.estimate_training_memory(derived, device_batch_size=derived["device_batch_size"], **kwargs)

@@ -69,3 +69,17 @@ def test_intel_max_needs_compute_units():
 ])
 def test_peak_bandwidth(name, bandwidth):
     assert get_peak_bandwidth(name) == bandwidth
+
+
+def test_default_compile_policy():
+    """Eager bf16 on CPU trains worse than the compiled model (issue 16, depth 6: +0.031 bpb eager): base_train
+    compiles by default on CPU for half dtypes once a run is long enough; fp32 stays eager; CUDA always compiles."""
+    from nanochat.hardware import COMPILE_MODEL_MIN_STEPS, default_compile
+    assert default_compile("cuda", "bfloat16", 10)[0] is True
+    assert default_compile("cpu", "float32", 100_000)[0] is False
+    assert default_compile("mps", "bfloat16", 100_000)[0] is False
+    on, why = default_compile("cpu", "bfloat16", COMPILE_MODEL_MIN_STEPS)
+    assert on and "issue 16" in why
+    off, why = default_compile("cpu", "bfloat16", COMPILE_MODEL_MIN_STEPS - 1)
+    assert not off and f"< {COMPILE_MODEL_MIN_STEPS}" in why
+    assert default_compile("cpu", "float16", 400)[0] is True
