@@ -16,8 +16,8 @@ Endpoints:
     GET  /v1/models             -> {"object": "list", "data": [{"id": model_name, ...}]}
     GET  /health                -> {"status": "ok", "ready": true, "busy": bool, "model": model_name}
 
-Requests are handled in threads but the model is shared, so generation is serialized by one lock (a request
-waits its turn; CPU inference is one at a time anyway). Limits follow reference section 12.2: at most 500
+Requests are handled in threads but the model is shared, so generation is serialized by one lock that grants
+turns in arrival order (FairLock: CPU inference is one at a time anyway, and no request starves under load). Limits follow reference section 12.2: at most 500
 messages, 8000 characters per message, 32000 in all; temperature in [0, 2], top_k in [0, 200], max_tokens in
 [1, 4096]. A chat model gets the conversation rendered with its chat tokens (oldest turns dropped when it would
 not fit with max_tokens in sequence_len); a base model never learned those tokens, so the last user message is
@@ -194,13 +194,39 @@ def _sampling(body, max_tokens):
 # -----------------------------------------------------------------------------
 # The model side
 
+class FairLock:
+    """A lock granted in arrival order. threading.Lock is not fair: with 32 clients and 200 short requests a
+    request waited up to 9.6 s (p95 6.0 s) behind ones that came later, against 4.0 s (p95 3.9 s) in turn order
+    (bench/server_campaign.py, bench/RESULTS.md)."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._next_ticket = 0
+        self._serving = 0
+
+    def __enter__(self):
+        with self._cond:
+            ticket = self._next_ticket
+            self._next_ticket += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+
+    def __exit__(self, *exc):
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def locked(self):
+        with self._cond:
+            return self._serving < self._next_ticket
+
+
 class ChatService:
     """One model + tokenizer shared by all request threads; generate() holds a lock while it runs."""
 
     def __init__(self, model, tokenizer, chat=True, model_name="nanorun"):
         self.model, self.tokenizer, self.chat, self.model_name = model, tokenizer, chat, model_name
         self.engine = Engine(model, tokenizer)
-        self.lock = threading.Lock()
+        self.lock = FairLock()
         self.created = int(time.time())
 
     def prompt_ids(self, request):
@@ -444,9 +470,15 @@ def make_server(service, host="127.0.0.1", port=8000, quiet=False, timeout=SOCKE
     """A ThreadingHTTPServer bound to (host, port) serving `service`; call serve_forever() / shutdown().
     timeout: seconds a connection may stay silent before it is dropped."""
     handler = type("BoundHandler", (Handler,), {"service": service, "quiet": quiet, "timeout": timeout})
-    server = ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     return server
+
+
+class _Server(ThreadingHTTPServer):
+    # the listen backlog: socketserver's default of 5 reset 1 of 1000 connections when 32 clients connected at
+    # once (bench/server_campaign.py)
+    request_queue_size = 128
 
 
 def load_service(checkpoint_dir, tokenizer_dir, step=None, chat=None, model_name="nanorun", device=None):

@@ -30,9 +30,12 @@ from runners.cli_chat import ChatInputError, resolve_target
 @click.option("--checkpoint-dir", type=click.Path(), default=None, help="A checkpoint directory instead of the run's.")
 @click.option("--tokenizer-dir", type=click.Path(), default=None, help="A tokenizer directory instead of the run's.")
 @click.option("--quiet", is_flag=True, help="Do not log every request to stderr.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=None,
+              help="Seconds a connection may stay silent (mid-body, or not reading a stream) before it is dropped "
+                   "[default: 30].")
 @click.option("--home", type=click.Path(file_okay=False), default=None,
               help="nanorun home (default: $NANORUN_HOME or ~/.cache/nanorun).")
-def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, home):
+def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, timeout, home):
     """Serve a run's checkpoint as an OpenAI-compatible API (/v1/chat/completions, and /v1/completions for plain
     text, e.g. a base model) and a web chat page.
 
@@ -40,7 +43,7 @@ def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, h
     base_url http://127.0.0.1:8000/v1 with any OpenAI client.
     """
     target = resolve_target(home or rundir.home(), run, checkpoint_dir, tokenizer_dir)
-    from nanochat.server import load_service, make_server  # noqa: PLC0415 (torch only for this command)
+    from nanochat.server import SOCKET_TIMEOUT_SECONDS, load_service, make_server  # noqa: PLC0415 (torch only here)
     name = target["run_id"] or "nanorun"
     try:
         service, meta = load_service(target["checkpoint_dir"], target["tokenizer_dir"], step,
@@ -48,7 +51,7 @@ def serve_command(run, host, port, step, checkpoint_dir, tokenizer_dir, quiet, h
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise ChatInputError(str(e).splitlines()[0]) from None
     try:
-        server = make_server(service, host, port, quiet=quiet)
+        server = make_server(service, host, port, quiet=quiet, timeout=timeout or SOCKET_TIMEOUT_SECONDS)
     except OSError as e:
         raise ChatInputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     bound_host, bound_port = server.server_address[:2]

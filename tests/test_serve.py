@@ -404,3 +404,39 @@ def test_bad_text_completion_requests(base_url, body, message, param):
     status, out = complete(base_url, body)
     assert status == 400, out
     assert message in out["error"]["message"] and out["error"]["param"] == param
+
+
+def test_model_turns_are_granted_in_arrival_order():
+    """FairLock: threads that queue while the lock is held get it in the order they asked."""
+    from nanochat.server import FairLock
+    import time
+    lock, order = FairLock(), []
+    lock.__enter__()   # ticket 0
+    assert lock.locked()
+
+    def take(i):
+        with lock:
+            order.append(i)
+
+    threads = []
+    for i in range(6):
+        t = threading.Thread(target=take, args=(i,))
+        t.start()
+        threads.append(t)
+        deadline = time.time() + 10
+        while lock._next_ticket < i + 2 and time.time() < deadline:   # thread i holds ticket i + 1
+            time.sleep(0.001)
+    lock.__exit__(None, None, None)
+    for t in threads:
+        t.join(timeout=10)
+    assert order == list(range(6))
+    assert not lock.locked()
+
+
+def test_server_campaign_sample():
+    """A small sample of bench/server_campaign.py (full size: 32 clients, 1000 requests, 8+8 slow clients, 100
+    malformed; figures in bench/RESULTS.md) against a real `nanorun serve` process."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "server_campaign.py"), "--clients", "4",
+                          "--requests", "24", "--slow", "1", "--bad", "12", "--socket-timeout", "2",
+                          "--max-tokens", "8"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0 and "result: PASS" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
