@@ -4,6 +4,8 @@ package (stages, runners, registry, tui) sees the same layout and the same error
 
     $NANORUN_HOME (default ~/.cache/nanorun)
       runs/{run_id}/run.json          one applied spec: its plan, status and ordered stage entries (runners)
+      runs/{run_id}/jobs.json         the batch jobs a launcher submitted for the run (ids, states, requeues)
+      runs/{run_id}/slurm/            their job scripts (job-{stages}.sh) and output (job-{id}.out)
       stages/{stage}-{key8}/          one content-addressed stage, shared by every run with that key:
         config.json                   what the stage was launched with
         events.jsonl                  status/metric/eval/sample/log lines, appended by rank 0 (EventLog)
@@ -11,7 +13,8 @@ package (stages, runners, registry, tui) sees the same layout and the same error
                                       file exists beside its model file (the meta is written last)
         result.json                   written last, atomically: the stage's success marker (write_result)
       studies/{name}/                 one study (runners.study): study.json (its cells and their run ids),
-                                      cells/{run_id}.yaml, logs/{run_id}.log
+                                      cells/{run_id}.yaml, logs/{run_id}.log, plots/*.png (runners.plots)
+      compare/                        `nanorun compare`'s plots when not given --plot ({A}_vs_{B}.png)
       hardware/                       measured device facts (matmul peaks), cached per machine (nanochat.probe)
       registry.duckdb                 rebuilt from the directories above at any time (registry)
 
@@ -57,6 +60,16 @@ def studies_dir(base=None):
 
 def study_dir(name, base=None):
     return os.path.join(studies_dir(base), name)
+
+
+def study_plots_dir(name, base=None):
+    """The study's PNG plots (runners.plots writes them, `nanorun study show` lists them)."""
+    return os.path.join(study_dir(name, base), "plots")
+
+
+def compare_plots_dir(base=None):
+    """Where `nanorun compare` writes its plot when not given --plot PATH."""
+    return os.path.join(base or home(), "compare")
 
 
 def study_names(base=None):
@@ -261,6 +274,33 @@ def load_run(run_id, base=None):
             "stages", stage_dir_name(str(stage.get("stage")), str(stage.get("key") or ""))), base)
         stage["result"] = read_result(stage["path"])
     return run
+
+
+# -----------------------------------------------------------------------------
+# Launcher jobs (runs/{run_id}/jobs.json, written by runners.slurm under the run's lock): a list of
+# {"launcher", "job_id", "stages", "script", "output", "submitted_at", "state", "restarts", "updated_at"}, oldest first
+
+
+def jobs_path(run_directory):
+    return os.path.join(run_directory, "jobs.json")
+
+
+def launcher_dir(run_directory, launcher="slurm"):
+    """Where a launcher keeps a run's job scripts and job output."""
+    return os.path.join(run_directory, launcher)
+
+
+def read_jobs(run_directory):
+    """The run's job records, oldest first ([] before any was submitted); RunDirError when jobs.json is unusable."""
+    path = jobs_path(run_directory)
+    jobs = read_json(path, {"jobs": []}).get("jobs")
+    if not isinstance(jobs, list) or not all(isinstance(j, dict) and isinstance(j.get("job_id"), str) for j in jobs):
+        raise RunDirError(f"{path}: malformed jobs.json ('jobs' must be a list of objects with a string job_id)")
+    return jobs
+
+
+def write_jobs(run_directory, jobs):
+    atomic_write_json(jobs_path(run_directory), {"jobs": jobs})
 
 
 # -----------------------------------------------------------------------------

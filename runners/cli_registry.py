@@ -214,8 +214,11 @@ def runs(as_json, limit):
     from registry import list_runs
     _sync()
     rows = list_runs(limit=limit)
+    from nanochat.rundir import run_dir
+    from runners.slurm import jobs_summary
+    jobs = [jobs_summary(run_dir(r["run_id"]), live=True) for r in rows]   # runs launched on Slurm: job, requeues
     if as_json:
-        return _echo_json(rows)
+        return _echo_json([{**r, "jobs": j} if j else r for r, j in zip(rows, jobs)])
     # train time: timed steps only (the first 10 are skipped, as the reference does); wall: the whole base_train stage
     columns = ["run", "status", "stages", "depth", "hardware", "created", "step", "val_bpb", "CORE", "train time",
                "wall", "cost $"]
@@ -224,6 +227,10 @@ def runs(as_json, limit):
               num(r["core_metric"]) + (" (partial)" if r["core_partial"] else ""),
               duration(r["total_training_time"]), duration(r["train_wall_seconds"]), num(r["cost_usd"], ".2f")]
              for r in rows]
+    if any(jobs):
+        columns.append("jobs")
+        for line, summary in zip(table, jobs):
+            line.append(summary or "-")
     click.echo(format_table(columns, table) if rows else "no runs yet (nanorun apply SPEC)")
 
 
@@ -241,9 +248,13 @@ def show(run, as_json, num_samples):
     from registry import get_run
     _sync()
     detail = get_run(run, num_samples=num_samples)
+    from nanochat.rundir import run_dir
+    from runners.slurm import jobs_summary
+    jobs = jobs_summary(run_dir(detail["run"]["run_id"]), live=True)
     if as_json:
-        return _echo_json(detail)
-    click.echo(format_run(detail, term_width()))
+        return _echo_json({**detail, "jobs": jobs} if jobs else detail)
+    text = format_run(detail, term_width())
+    click.echo(text if not jobs else text.replace("\ntimes ", f"\njobs      {jobs}\ntimes ", 1))
 
 
 @main.command()

@@ -46,11 +46,30 @@ def plan_report(plan, home=None):
     """Plan as JSON-able dict plus the state of each stage on disk (done / partial / pending)."""
     from nanochat.rundir import stage_state
     from runners.plan import stage_available
+    from runners.slurm import launcher_report
     out = plan.to_json()
     for s, js in zip(plan.stages, out["stages"]):
         js["state"] = stage_state(s.stage_dir(home)) if stage_available(s) else "n/a"
         js["dir"] = s.stage_dir(home)
+    out["launcher"] = launcher_report(plan, home)
     return out
+
+
+def render_launcher(launcher):
+    """The `launcher` lines of `plan`: where the stages run and, for slurm, the job's #SBATCH and stage lines."""
+    kind = launcher["kind"]
+    if kind == "local":
+        return []
+    if kind == "skypilot":
+        return ["", "launcher skypilot: not implemented yet in this nanorun (apply refuses; use local or slurm)"]
+    if not launcher["jobs"]:
+        return ["", f"launcher {kind}: nothing to submit (all stages done)"]
+    lines = ["", f"launcher {kind}: {len(launcher['jobs'])} batch job ({launcher['submit']}; the full script is in "
+                 f"plan --json under launcher.jobs)"]
+    for job in launcher["jobs"]:
+        lines += [f"         {line}" for line in job["script"].splitlines()
+                  if line.startswith("#SBATCH") or line.startswith("stage ")]
+    return lines
 
 
 def render_hardware(hw):
@@ -113,6 +132,7 @@ def render_plan(report):
             f"weight_decay={d['weight_decay_scaled']:.4g}",
         ]
     lines += render_hardware(report.get("hardware") or {})
+    lines += render_launcher(report.get("launcher") or {"kind": "local"})
     lines += ["", f"{'stage':<11} {'state':<8} {'procs':<6} {'key':<9} {'estimate':<22} {'memory/device':<16} dir"]
     tight = []
     for s in report["stages"]:
@@ -209,9 +229,12 @@ def _ingest(record):
 @click.option("--node-rank", default=0, show_default=True, help="This node's rank (multi-node specs).")
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT of node 0 for multi-node torchrun rendezvous.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not echo the stages' output (it is still in each stdout.log).")
-def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
+@click.option("--detach", is_flag=True, help="launcher: slurm: return once the job is submitted (apply again to follow).")
+def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet, detach):
     """Show the plan, then run every stage that is not done yet, resuming interrupted ones, and record the run.
     A study (a spec with a `sweep:` block) runs every cell that is not done, side by side where the GPUs allow.
+    With `hardware.launcher: slurm` the stages go to Slurm as one batch job, which apply follows (or, with --detach,
+    leaves running; a later apply picks it up).
 
     Example: nanorun apply specs/cpu_demo.yaml --yes
     """
@@ -220,15 +243,26 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
     if study is not None:
         return apply_study_command(study, yes, node_rank, rdzv_endpoint)
     from runners.execute import apply_plan, check_device, check_local_data, check_node_rank, run_dir
+    from specs.errors import LaunchError
     plan_ = _make_plan(spec_path)
-    check_node_rank(plan_, node_rank)   # a rank the spec has no node for: one line, exit 2
-    check_device(plan_, spec_path)      # a CUDA spec on a machine without a GPU fails here, before anything runs
+    launcher = plan_.spec.hardware.launcher
+    if launcher == "skypilot":
+        raise LaunchError(f"{spec_path}: hardware.launcher: skypilot is not implemented yet in this nanorun; "
+                          f"use launcher: local or slurm")
+    if detach and launcher != "slurm":
+        from specs.errors import InputError
+        raise InputError(f"--detach: only for hardware.launcher: slurm (spec {plan_.spec.name} runs {launcher})")
+    if launcher == "slurm":
+        from runners.slurm import apply_slurm, check_cluster
+        check_cluster(plan_, spec_path)  # no sbatch, an unknown partition: one line, exit 2, nothing submitted
+    else:
+        check_node_rank(plan_, node_rank)   # a rank the spec has no node for: one line, exit 2
+        check_device(plan_, spec_path)      # a CUDA spec on a machine without a GPU fails here, before anything runs
     check_local_data(plan_, spec_path)  # a missing data folder fails here, before anything runs
     report = plan_report(plan_)
     click.echo(render_plan(report))
     missing = [s["stage"] for s in report["stages"] if s["state"] == "n/a"]
     if missing:
-        from specs.errors import LaunchError
         raise LaunchError(f"{spec_path}: stage(s) {', '.join(missing)} have no implementation in this nanorun yet; "
                           f"remove them from `stages:` to run the rest")
     if all(s["state"] == "done" for s in report["stages"]):
@@ -240,8 +274,13 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet):
     click.echo("")
     echo = (lambda line: None) if quiet else click.echo
     try:
-        record = apply_plan(plan_, spec_path=spec_path, echo=echo, node_rank=node_rank,
-                            rdzv_endpoint=rdzv_endpoint, on_update=_ingest)
+        if launcher == "slurm":
+            record = apply_slurm(plan_, spec_path=spec_path, echo=echo, detach=detach, on_update=_ingest)
+            if detach:
+                return
+        else:
+            record = apply_plan(plan_, spec_path=spec_path, echo=echo, node_rank=node_rank,
+                                rdzv_endpoint=rdzv_endpoint, on_update=_ingest)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; nothing is lost: `nanorun apply {spec_path}` continues where it stopped", err=True)
         sys.exit(130)
@@ -259,3 +298,15 @@ def _summary(record, rdir):
         click.echo(f"  {s['stage']:<11} {s['status']:<8} {s['dir']}  {brief}")
     click.echo(f"run record: {os.path.join(rdir, 'run.json')}")
     click.echo("next: nanorun show " + record["run_id"] + " | nanorun leaderboard | nanorun tui")
+
+
+@main.command()
+@click.argument("run")
+def cancel(run):
+    """Cancel what is queued or running for a run: its Slurm jobs (scancel), or the local apply running it (it
+    records the run as interrupted; apply again to resume). RUN is a run id, a unique prefix or a spec name.
+
+    Example: nanorun cancel tiny_apply
+    """
+    from runners.execute import cancel_run
+    cancel_run(run, echo=click.echo)

@@ -385,7 +385,9 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
             signal.signal(signal.SIGTERM, old_handler)
 
 
-def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update):
+def open_run_record(plan, home, spec_path, echo):
+    """The run's record as an apply starts it (the caller holds the run's Lock): recorded stage history kept by key,
+    `nanorun eval` entries after the planned stages, status running, written to run.json. Returns the record."""
     record = _load_or_new_record(plan, home, spec_path, echo)
     # the plan may have grown (new stages) since the last apply: keep recorded stage history by key
     old = {s["key"]: s for s in record.get("stages", [])}
@@ -396,12 +398,18 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
     planned = {s.key for s in plan.stages}
     record["stages"] += [s for s in old.values() if s.get("adhoc") and s["key"] not in planned]
     record["plan"] = plan.to_json()
+    record["launcher"] = plan.spec.hardware.launcher
     record["applies"] = record.get("applies", 0) + 1
     # who is applying: a reader seeing status "running" can tell a live apply from one that was killed
     record["apply_pid"], record["apply_host"] = os.getpid(), socket.gethostname()
     record["status"], record["started_at"], record["finished_at"] = "running", record["started_at"] or time.time(), None
+    atomic_write_json(os.path.join(run_dir(plan, home), "run.json"), record)
+    return record
+
+
+def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update):
+    record = open_run_record(plan, home, spec_path, echo)
     run_json = os.path.join(run_dir(plan, home), "run.json")
-    atomic_write_json(run_json, record)
 
     def save(stage_rec=None, **fields):
         if stage_rec is not None:
@@ -455,3 +463,48 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
     record["status"], record["finished_at"] = "success", time.time()
     save()
     return record
+
+
+def cancel_run(ref, home=None, echo=print, timeout=60.0):
+    """Stop what runs for the run `ref` names: scancel its Slurm jobs that may still run; else SIGTERM the local apply
+    running it on this host and wait for it to record the run as interrupted. Returns what was stopped (job ids, or
+    the apply's pid); [] with a message when nothing was queued or running. LaunchError for an apply on another host."""
+    home = home or rundir.home()
+    run_id, record = rundir.find_run(ref, home)
+    rdir = rundir.run_dir(run_id, home)
+    if rundir.read_jobs(rdir):
+        from runners import slurm
+        cancelled = slurm.cancel_jobs(rdir, echo)
+        if cancelled:
+            echo(f"run {run_id}: cancelled; `nanorun apply` records the final state and resumes from there")
+            return cancelled
+    pid, host = record.get("apply_pid"), record.get("apply_host")
+    if record.get("status") == "running" and isinstance(pid, int) and pid > 0:
+        if host and host != socket.gethostname():
+            raise LaunchError(f"run {run_id} is being applied on host {host} (pid {pid}); stop it there")
+        try:
+            os.kill(pid, signal.SIGTERM)   # the apply ends like Ctrl-C: stage stopped, run recorded as interrupted
+        except ProcessLookupError:
+            pid = None
+        if pid:
+            deadline = time.time() + timeout
+            while time.time() < deadline and _alive(pid):
+                time.sleep(0.1)
+            echo(f"run {run_id}: stopped its apply (pid {pid}); `nanorun apply` resumes it")
+            return [pid]
+    echo(f"run {run_id}: nothing is queued or running (status {record.get('status')})")
+    return []
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie child of ours has exited
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True

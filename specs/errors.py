@@ -34,3 +34,9 @@ class LaunchError(NanorunError):
 
 class DataError(NanorunError):
     pass
+
+
+class MissingToolError(LaunchError):
+    """A launcher's tool is not installed or not reachable (no sbatch on PATH, an unknown partition): bad input, exit 2,
+    nothing submitted. The message names what is missing and how to get it."""
+    exit_code = 2

@@ -332,10 +332,12 @@ def load(path):
 
 
 def spec_hash(spec):
-    """sha256 hex of the validated spec (defaults filled in), ignoring description and tags."""
+    """sha256 hex of the validated spec (defaults filled in), ignoring description, tags and the launcher."""
     canonical = spec.model_dump(mode="json", exclude={"description", "tags"})
     if canonical.get("sweep") is None:   # a plain spec hashes as it did before studies existed
         canonical.pop("sweep", None)
+    for where in ("launcher", "slurm"):   # where a run is launched is not what it computes: same run id anywhere
+        canonical["hardware"].pop(where, None)
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -14,6 +14,7 @@ the model being validated, so the loader can point at the exact YAML node.
 """
 
 import difflib
+import re
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -32,6 +33,8 @@ DEFAULT_STAGES = ("data", "tok_train", "base_train", "base_eval")
 SECTIONS = ("hardware", "data", "tokenizer", "model", "train")
 
 Source = Literal["climbmix", "fineweb_edu", "parquet", "text", "demo"]
+# minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]] (sbatch --time)
+SLURM_TIME = r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}"
 
 
 class _Model(BaseModel):
@@ -52,13 +55,32 @@ def _off_or_positive(cls, value):
 
 # --- hardware ---------------------------------------------------------------------------------------
 
+class SlurmSpec(_Model):
+    """sbatch settings for `launcher: slurm` (None = the cluster's default). extra_args go to sbatch verbatim."""
+    partition: Optional[str] = Field(None, min_length=1)
+    account: Optional[str] = Field(None, min_length=1)
+    qos: Optional[str] = Field(None, min_length=1)
+    time: Optional[str] = None                    # a time limit as sbatch takes it: 30, 4:00:00, 1-12:00:00
+    extra_args: tuple[str, ...] = Field((), strict=False)   # e.g. ["--exclusive", "--constraint=h100"]
+
+    @field_validator("time")
+    @classmethod
+    def _slurm_time(cls, v):
+        if v is not None and not re.fullmatch(SLURM_TIME, v):
+            raise ValueError(f"must be a Slurm time limit: MINUTES, H:MM:SS or D-HH[:MM[:SS]] (got {v!r})")
+        return v
+
+
 class HardwareSpec(_Model):
-    """Where it runs. For a CPU run: gpu "cpu", device_type "cpu", gpus_per_node = processes on the node."""
+    """Where it runs. For a CPU run: gpu "cpu", device_type "cpu", gpus_per_node = processes on the node.
+    `launcher` decides how the stages start: local processes, a Slurm batch job (`slurm:` settings), or SkyPilot."""
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
     gpu: str = Field("H100-SXM", min_length=1)   # a name nanochat.hardware.get_peak_flops knows, or "cpu"
     usd_per_gpu_hour: float = Field(0.0, ge=0)   # for the $ estimate in plan and the leaderboard
     device_type: Literal["", "cuda", "cpu", "mps"] = ""   # "" = autodetect on the node
+    launcher: Literal["local", "slurm", "skypilot"] = "local"
+    slurm: SlurmSpec = Field(default_factory=SlurmSpec)
 
     @property
     def world_size(self):
