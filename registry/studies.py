@@ -188,6 +188,35 @@ def fit_report(name, convention="scaling", home=None, resamples=RESAMPLES, seed=
                             for c in current]}
 
 
+def isoflop_curves(report, metric="val_bpb", samples=64):
+    """What an isoFLOP plot of a fit_report draws for one metric, per budget: {"budget", "cells" [(N, value)] (the
+    finished cells), "curve" [(N, value)] (the fitted quadratic over the measured N, widened to reach a vertex
+    outside them), "vertex" (N*, value) or None, "flags", "used" (whether the optimum enters the laws)}. [] when the
+    metric has no fit. Used by the PNG plots (runners.plots) and the TUI's Studies screen."""
+    fit = report["fits"].get(metric)
+    if not fit or "budgets" not in fit:
+        return []
+    out = []
+    for row in fit["budgets"]:
+        cells = sorted((p["n"], p[metric]) for p in report["cell_points"] if p["state"] == "done"
+                       and p["budget"] == row["budget"] and p["n"] and p[metric] is not None)
+        curve = []
+        if row.get("coefficients"):
+            lo, hi = math.log10(row["n_range"][0]), math.log10(row["n_range"][1])
+            if row["n_star"] is not None:
+                lo, hi = min(lo, math.log10(row["n_star"])), max(hi, math.log10(row["n_star"]))
+            pad = 0.05 * (hi - lo)
+            c0, c1, c2 = row["coefficients"]
+            for i in range(samples):
+                x = lo - pad + (hi - lo + 2 * pad) * i / (samples - 1)
+                u = x - row["center"]
+                curve.append((10 ** x, c0 + c1 * u + c2 * u * u))
+        vertex = (row["n_star"], row["value_at_vertex"]) if row["n_star"] is not None else None
+        out.append({"budget": row["budget"], "cells": cells, "curve": curve, "vertex": vertex,
+                    "flags": list(row["flags"]), "used": row["budget"] in fit["used"]})
+    return out
+
+
 def depth_for(n_star, model, convention="scaling"):
     """The depth whose N (in the convention) is nearest N* in log, by nanochat.scaling, and that N."""
     def n_of(depth):

@@ -5,7 +5,7 @@ Study commands of the nanorun CLI. `nanorun plan` and `nanorun apply` hand a spe
     nanorun plan specs/scaling_laws.yaml [--json]
     nanorun apply specs/scaling_laws.yaml --yes
     nanorun study status scaling_laws [--json]
-    nanorun study show scaling_laws [--params scaling|all|matrices] [--json]
+    nanorun study show scaling_laws [--params scaling|all|matrices] [--json] [--no-plots]
     nanorun study predict scaling_laws --flops 1e20 [--json]
 """
 
@@ -100,6 +100,23 @@ def status(name, as_json):
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
 
+def echo_with_plots(report, render, as_json, no_plots, write):
+    """Print a report and the PNGs `write()` made (report["plots"]), or one line saying why there are none."""
+    from runners.plots import render_paths, skipped
+    note = skipped(no_plots)
+    report["plots"] = []
+    if note is None:
+        try:
+            report["plots"] = write()
+        except OSError as e:
+            note = f"warning: plots not written: {e}"
+    click.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
+    if note or not as_json:
+        click.echo(note or render_paths(report["plots"]), err=as_json)
+
+
+NO_PLOTS_OPTION = click.option("--no-plots", is_flag=True, help="Do not write the PNG plots (they need matplotlib: "
+                                                                  "pip install 'nanorun[plots]').")
 PARAMS_OPTION = click.option("--params", "convention", type=click.Choice(["scaling", "all", "matrices"]),
                              default="scaling", show_default=True,
                              help="Parameter count N: scaling = transformer matrices + lm_head (the reference's), "
@@ -110,20 +127,23 @@ PARAMS_OPTION = click.option("--params", "convention", type=click.Choice(["scali
 @click.argument("name")
 @PARAMS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="Print the fits as JSON.")
-def show(name, convention, as_json):
+@NO_PLOTS_OPTION
+def show(name, convention, as_json, no_plots):
     """The isoFLOP fit of a study: per FLOP budget, a quadratic of val bpb (and CORE) in log N whose vertex is the
     compute-optimal N* (with D* and the tokens:params ratio), then N* ~ C^a and D* ~ C^b with bootstrap intervals.
-    The fit is also written to the registry (tables scaling_optima, scaling_fits).
+    The fit is also written to the registry (tables scaling_optima, scaling_fits), and drawn as PNGs under the
+    study's directory: plots/isoflop.png (the curves per budget) and plots/fits.png (N* and D* against C).
 
     Example: nanorun study show scaling_laws --params scaling
     """
     from registry.studies import fit_report
+    from runners.plots import write_study_plots
     from runners.study_fit import record_fit, render_fit
     report = fit_report(name, convention)
     problem = record_fit(name, convention)
     if problem:
         click.echo(f"warning: the fit was not recorded in the registry: {problem}", err=True)
-    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_fit(report))
+    echo_with_plots(report, render_fit, as_json, no_plots, lambda: write_study_plots(report))
 
 
 @study.command("predict")
@@ -147,13 +167,18 @@ def predict(name, flops, convention, as_json):
 @click.argument("baseline")
 @click.argument("variant")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
-def compare(baseline, variant, as_json):
+@click.option("--plot", "plot_path", metavar="OUT.png", help="Write the val-bpb-vs-FLOPs plot here (default: "
+                                                            "$NANORUN_HOME/compare/A_vs_B.png).")
+@NO_PLOTS_OPTION
+def compare(baseline, variant, as_json, plot_path, no_plots):
     """Compare variant B with baseline A (runs or studies; a run stands for all the seeds of its recipe): the spec
     diff, final val bpb mean +- std per side with Welch's t-test, and the compute multiplier (the FLOPs the
-    baseline needs to reach B's final val bpb, interpolated in log-log on its curve, over B's FLOPs).
+    baseline needs to reach B's final val bpb, interpolated in log-log on its curve, over B's FLOPs). The val bpb
+    curves of both sides (each seed thin, the mean bold) are drawn to a PNG.
 
-    Example: nanorun compare d12 d12_muon_wd
+    Example: nanorun compare d12 d12_muon_wd --plot d12_vs_wd.png
     """
     from runners.compare import compare as do_compare, render_compare
+    from runners.plots import write_compare_plot
     report = do_compare(baseline, variant)
-    click.echo(json.dumps(report, indent=2, default=str) if as_json else render_compare(report))
+    echo_with_plots(report, render_compare, as_json, no_plots, lambda: [write_compare_plot(report, plot_path)])

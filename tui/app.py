@@ -1,5 +1,5 @@
 """
-The nanorun terminal app: runs table -> run detail with live monitor, leaderboard, chat with a checkpoint.
+The nanorun terminal app: runs table -> run detail with live monitor, leaderboard, studies, chat with a checkpoint.
 
     python -m tui [--home DIR]          # or: nanorun tui
     NanorunApp(home=tmp_path, refresh_seconds=None).run_test()   # in tests: no timers
@@ -16,6 +16,7 @@ from tui.chat_screen import ChatScreen
 from tui.leaderboard_screen import LeaderboardScreen
 from tui.run_detail import RunDetailScreen
 from tui.runs_screen import RunSelected, RunsScreen
+from tui.studies_screen import StudiesScreen
 
 
 class NanorunApp(App):
@@ -25,6 +26,7 @@ class NanorunApp(App):
         ("q", "quit", "Quit"),
         ("r", "reload", "Refresh"),
         ("l", "leaderboard", "Leaderboard"),
+        ("s", "studies", "Studies"),
         ("c", "chat", "Chat"),
     ]
 
@@ -56,6 +58,10 @@ class NanorunApp(App):
     def action_leaderboard(self):
         if not isinstance(self.screen, LeaderboardScreen):
             self.push_screen(LeaderboardScreen(self.home))
+
+    def action_studies(self):
+        if not isinstance(self.screen, StudiesScreen):
+            self.push_screen(StudiesScreen(self.home))
 
     def action_chat(self):
         run_id = getattr(self.screen, "run_id", None)

@@ -195,6 +195,64 @@ def leaderboard(home, timeout=2.0):
 
 
 # -----------------------------------------------------------------------------
+# Studies: their records and the cells' run directories (registry.studies); fitted here, never written
+
+
+def load_studies(home):
+    """One row per study under $NANORUN_HOME/studies: {"study", "spec_path", "cells", "done", "running", "failed",
+    "pending" (every other current cell: not started, interrupted, deleted from disk), "error"}."""
+    from registry.studies import read_cells, read_study  # noqa: PLC0415 (numpy loads with the Studies screen)
+
+    rows = []
+    for name in rundir.study_names(home):
+        row = {"study": name, "spec_path": None, "cells": 0, "done": 0, "running": 0, "failed": 0, "pending": 0,
+               "error": None}
+        try:
+            record = read_study(name, home)
+        except rundir.RunDirError as e:
+            row["error"] = str(e)
+            rows.append(row)
+            continue
+        cells = [c for c in read_cells(record, home) if not c["retired"]]
+        row["spec_path"], row["cells"] = record.get("spec_path"), len(cells)
+        for cell in cells:
+            state = cell["state"] if cell["state"] in ("done", "running", "failed") else "pending"
+            row[state] += 1
+        rows.append(row)
+    return rows
+
+
+def study_fit(home, name, convention="scaling"):
+    """(report, None) with registry.studies.fit_report's isoFLOP fit of a study, or (None, the one-line reason there
+    is none: no finished cells, too few points, a broken record)."""
+    from registry.studies import fit_report  # noqa: PLC0415
+    from specs.errors import NanorunError  # noqa: PLC0415
+
+    try:
+        return fit_report(name, convention, home), None
+    except (NanorunError, rundir.RunDirError) as e:
+        return None, str(e).splitlines()[0]
+
+
+def laws_text(fit):
+    """The laws across budgets of one metric's fit, on one line: exponents with their bootstrap intervals."""
+    if fit is None:
+        return "no fit"
+    if "budgets" not in fit:
+        return f"no fit: {fit['error']}"
+    if not fit["exponents"]:
+        return f"no laws across budgets: {fit['reason']}"
+
+    def law(name, e):
+        ci = f" [{e['low']:.3f}, {e['high']:.3f}]" if e.get("low") is not None else ""
+        return f"{name} ~ C^{e['value']:.3f}{ci}"
+    ratio = fit["ratio"]
+    return (f"{law('N*', fit['exponents']['a'])}   {law('D*', fit['exponents']['b'])}   ({fit['confidence']:.0%} "
+            f"bootstrap intervals over {len(fit['used'])} budgets)   tokens:params {ratio['min']:.1f}-"
+            f"{ratio['max']:.1f}")
+
+
+# -----------------------------------------------------------------------------
 # Formatting
 
 

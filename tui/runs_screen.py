@@ -86,7 +86,8 @@ class RunsScreen(Screen):
             table.move_cursor(row=table.get_row_index(keep))
         running = sum(r["status"] == "running" for r in self.rows)
         self.query_one("#runs-summary", Static).update(
-            f"{len(self.rows)} runs, {running} running  -  enter: details  l: leaderboard  c: chat  r: refresh")
+            f"{len(self.rows)} runs, {running} running  -  enter: details  l: leaderboard  s: studies  c: chat  "
+            f"r: refresh")
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected):
         key = event.column_key.value
