@@ -4,6 +4,7 @@ package (stages, runners, registry, tui) sees the same layout and the same error
 
     $NANORUN_HOME (default ~/.cache/nanorun)
       runs/{run_id}/run.json          one applied spec: its plan, status and ordered stage entries (runners)
+      runs/{run_id}/run-node{R}.json  the same, as seen by node R > 0 of a multi-node apply (never read by registry)
       runs/{run_id}/jobs.json         the batch jobs a launcher submitted for the run (ids, states, requeues)
       runs/{run_id}/slurm/            their job scripts (job-{stages}.sh) and output (job-{id}.out)
       stages/{stage}-{key8}/          one content-addressed stage, shared by every run with that key:
@@ -211,9 +212,17 @@ def check_run_record(run, path):
                 bad(f"stages[{i}].{name} is a JSON {_json_type(stage[name])}, not a string")
 
 
-def read_run(directory):
-    """The run record in `directory`/run.json, checked; RunDirError (naming the file) when missing or malformed."""
-    path = os.path.join(directory, "run.json")
+def run_record_name(node_rank=0):
+    """The run record's file name for the apply of `node_rank`: run.json is node 0's (the run's record, which the
+    registry reads); a multi-node spec's other nodes keep their own run-node{R}.json beside it, so two nodes that
+    share $NANORUN_HOME never overwrite each other's record."""
+    return "run.json" if node_rank == 0 else f"run-node{node_rank}.json"
+
+
+def read_run(directory, node_rank=0):
+    """The run record in `directory`/run.json (run-node{R}.json for another node's apply), checked; RunDirError
+    (naming the file) when missing or malformed."""
+    path = os.path.join(directory, run_record_name(node_rank))
     if not os.path.isfile(path):
         raise RunDirError(f"{path}: no run.json (not a run directory)")
     run = read_json(path, shape=None)

@@ -43,10 +43,12 @@ def run_dir(plan, home=None):
     return rundir.run_dir(plan.run_id, home)
 
 
-def load_run_record(plan, home=None):
-    """The run's record, or None before its first apply; RunDirError when run.json is unusable."""
+def load_run_record(plan, home=None, node_rank=0):
+    """The run's record (node_rank > 0: that node's own), or None before its first apply; RunDirError when it is
+    unusable."""
     directory = run_dir(plan, home)
-    return rundir.read_run(directory) if os.path.exists(os.path.join(directory, "run.json")) else None
+    exists = os.path.exists(os.path.join(directory, rundir.run_record_name(node_rank)))
+    return rundir.read_run(directory, node_rank) if exists else None
 
 
 def _new_run_record(plan, home, spec_path):
@@ -103,9 +105,11 @@ class Lock:
     the kernel drops the lock when the owner dies. Each node of a multi-node apply (same run, shared
     $NANORUN_HOME) takes its own lock file, so a second apply with the same --node-rank is the one refused."""
 
-    def __init__(self, directory, what, node_rank=0):
+    def __init__(self, directory, what, node_rank=0, wait=None):
+        """wait: None = fail at once when held; else a function called with a message, after which the lock is
+        waited for (the other nodes of a multi-node apply wait for a single-process stage one of them runs)."""
         name = ".lock" if node_rank == 0 else f".lock-node{node_rank}"
-        self.path, self.what, self.f = os.path.join(directory, name), what, None
+        self.path, self.what, self.wait, self.f = os.path.join(directory, name), what, wait, None
 
     def __enter__(self):
         self.f = open(self.path, "a+")
@@ -114,9 +118,14 @@ class Lock:
         except BlockingIOError:
             self.f.seek(0)
             owner = self.f.read().strip()
-            self.f.close()
-            raise LaunchError(f"{self.what} is being run by another nanorun apply"
-                              f"{f' (pid {owner})' if owner else ''}; wait for it or stop it first") from None
+            if self.wait is not None:
+                self.wait(f"{self.what} is being run by another node's apply{f' (pid {owner})' if owner else ''}; "
+                          "waiting for it")
+                fcntl.flock(self.f, fcntl.LOCK_EX)
+            else:
+                self.f.close()
+                raise LaunchError(f"{self.what} is being run by another nanorun apply"
+                                  f"{f' (pid {owner})' if owner else ''}; wait for it or stop it first") from None
         self.f.seek(0)
         self.f.truncate()
         self.f.write(f"{os.getpid()}\n")
@@ -343,14 +352,15 @@ def _interrupt_on_sigterm():
         return None
 
 
-def _load_or_new_record(plan, home, spec_path, echo):
+def _load_or_new_record(plan, home, spec_path, echo, node_rank=0):
     rdir = run_dir(plan, home)
-    rundir.remove_temp_files(os.path.join(rdir, "run.json"))  # of a write that a killed apply never finished
+    name = rundir.run_record_name(node_rank)
+    rundir.remove_temp_files(os.path.join(rdir, name))  # of a write that a killed apply never finished
     try:
-        record = load_run_record(plan, home)
+        record = load_run_record(plan, home, node_rank)
     except rundir.RunDirError:  # not JSON, or not the shape this runner writes
-        bad = os.path.join(rdir, f"run.json.corrupt-{int(time.time())}")
-        os.replace(os.path.join(rdir, "run.json"), bad)
+        bad = os.path.join(rdir, f"{name}.corrupt-{int(time.time())}")
+        os.replace(os.path.join(rdir, name), bad)
         echo(f"warning: {bad}: unreadable run record set aside; starting a new one (stage outputs are kept)")
         record = None
     return record or _new_run_record(plan, home, spec_path)
@@ -385,10 +395,11 @@ def apply_plan(plan, *, home=None, spec_path=None, echo=print, node_rank=0, rdzv
             signal.signal(signal.SIGTERM, old_handler)
 
 
-def open_run_record(plan, home, spec_path, echo):
+def open_run_record(plan, home, spec_path, echo, node_rank=0):
     """The run's record as an apply starts it (the caller holds the run's Lock): recorded stage history kept by key,
-    `nanorun eval` entries after the planned stages, status running, written to run.json. Returns the record."""
-    record = _load_or_new_record(plan, home, spec_path, echo)
+    `nanorun eval` entries after the planned stages, status running, written to run.json (node_rank > 0: to its
+    own run-node{R}.json). Returns the record."""
+    record = _load_or_new_record(plan, home, spec_path, echo, node_rank)
     # the plan may have grown (new stages) since the last apply: keep recorded stage history by key
     old = {s["key"]: s for s in record.get("stages", [])}
     record["stages"] = [old.get(s.key) or {"stage": s.name, "key": s.key, "dir": s.stage_dir(home), "status": "pending",
@@ -403,13 +414,16 @@ def open_run_record(plan, home, spec_path, echo):
     # who is applying: a reader seeing status "running" can tell a live apply from one that was killed
     record["apply_pid"], record["apply_host"] = os.getpid(), socket.gethostname()
     record["status"], record["started_at"], record["finished_at"] = "running", record["started_at"] or time.time(), None
-    atomic_write_json(os.path.join(run_dir(plan, home), "run.json"), record)
+    atomic_write_json(os.path.join(run_dir(plan, home), rundir.run_record_name(node_rank)), record)
     return record
 
 
 def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_update):
-    record = open_run_record(plan, home, spec_path, echo)
-    run_json = os.path.join(run_dir(plan, home), "run.json")
+    record = open_run_record(plan, home, spec_path, echo, node_rank)
+    run_json = os.path.join(run_dir(plan, home), rundir.run_record_name(node_rank))
+    if node_rank > 0:
+        on_update = None   # node 0's apply ingests the run; this node's record is its own file
+    multi_node = plan.spec.hardware.nodes > 1
 
     def save(stage_rec=None, **fields):
         if stage_rec is not None:
@@ -436,7 +450,12 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
                 echo(f"[{stage.name}] done ({stage.dir_name}), skipping")
                 continue
             os.makedirs(sdir, exist_ok=True)
-            with Lock(sdir, f"stage {stage.name} ({sdir})", node_rank):
+            # a stage that spans the nodes: every node's apply runs its part under its own lock file; a single-process
+            # stage (data, tok_train, evals) of a multi-node spec: one node runs it, and with a shared
+            # $NANORUN_HOME the others wait on the same lock and then find it done
+            spans = stage.nnodes > 1
+            waiting = (lambda msg, name=stage.name: echo(f"[{name}] {msg}")) if multi_node and not spans else None
+            with Lock(sdir, f"stage {stage.name} ({sdir})", node_rank if spans else 0, wait=waiting):
                 state = stage_state(sdir)  # again, under the lock: another run sharing this stage may have finished it
                 if state == "done":
                     save(srec, status="cached")

@@ -413,6 +413,48 @@ def test_a_second_apply_with_the_same_node_rank_is_blocked(corpus, tmp_path):
     assert not os.path.exists(os.path.join(run_dir, "run.json"))  # neither got past the lock
 
 
+def test_nodes_sharing_a_home_keep_their_own_records_and_run_single_process_stages_once(corpus, tmp_path):
+    """Two nodes' applies on one $NANORUN_HOME: node 1 writes run-node1.json (never run.json, which is node 0's and
+    the registry's); a single-process stage another node is running is waited for (same lock file), then found
+    done and skipped, not run a second time."""
+    import threading
+
+    from nanochat.rundir import read_run, run_record_name, write_result
+    from runners.execute import apply_plan
+
+    home = str(tmp_path / "home")
+    text = SPEC.format(text_dir=corpus, stages="[data]").replace(
+        "device_type: cpu}", "device_type: cpu, nodes: 2}").replace("total_batch_size: 512", "total_batch_size: 1024")
+    spec_path = tmp_path / "two_nodes_data.yaml"
+    spec_path.write_text(text)
+    plan = make_plan(specs.load(str(spec_path)))
+    data = plan.stages[0]
+    assert data.name == "data" and data.nnodes == 1
+    sdir = data.stage_dir(home)
+    os.makedirs(sdir)
+    lines = []
+    with open(os.path.join(sdir, ".lock"), "a+") as held:   # node 0's apply is running the data stage
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        node1 = threading.Thread(target=apply_plan, args=(plan,),
+                                 kwargs={"home": home, "node_rank": 1, "echo": lines.append})
+        node1.start()
+        deadline = time.time() + 60
+        while not any("waiting for it" in line for line in lines):
+            assert time.time() < deadline and node1.is_alive(), lines
+            time.sleep(0.05)
+        write_result(sdir, "data", metrics={}, outputs={})   # node 0 finishes it
+    node1.join(timeout=60)
+    assert not node1.is_alive()
+    assert any("[data] done" in line for line in lines), lines
+    assert not os.path.exists(os.path.join(sdir, "stdout.log"))   # node 1 never launched it
+    run_dir = os.path.join(home, "runs", plan.run_id)
+    assert run_record_name(1) == "run-node1.json" and not os.path.exists(os.path.join(run_dir, "run.json"))
+    node1_record = read_run(run_dir, 1)
+    assert node1_record["status"] == "success" and node1_record["stages"][0]["status"] == "cached"
+    apply_plan(plan, home=home, node_rank=0, echo=lambda line: None)   # node 0's own record, untouched by node 1's
+    assert read_run(run_dir)["status"] == "success" and read_run(run_dir, 1)["applies"] == 1
+
+
 # -----------------------------------------------------------------------------
 # two applies at once
 
