@@ -252,7 +252,7 @@ def main(argv=None):
     print(f"server campaign: {args.clients} clients, {args.requests} requests (3/4 streaming, {args.max_tokens} "
           f"tokens each), then {args.slow} stalled + {args.slow} non-reading clients, {args.bad} malformed "
           f"requests, socket timeout {args.socket_timeout:g}s")
-    print(f"| phase | figure |\n|---|---|")
+    print("| phase | figure |\n|---|---|")
     print(f"| load | {len(lat)} answered in {load['wall_s']:.1f}s = {len(lat) / load['wall_s']:.1f} req/s; "
           f"latency p50 {q[9]:.2f}s, p95 {q[18]:.2f}s, max {lat[-1]:.2f}s; failures {len(load['failures'])} |")
     print(f"| stalled bodies | {len(stalls)} of {args.slow} answered: "

@@ -166,14 +166,14 @@ def main(argv=None):
 
 def train(args, out_dir, events, ddp, rank, world_size, device):
     import torch
-    import torch.distributed as dist
 
-    from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, load_model, save_checkpoint
-    from nanochat.common import print0, write_result
+    from nanochat.checkpoint import find_last_step, list_steps
+    from nanochat.common import write_result
     from nanochat.engine import Engine
-    from nanochat.rl_data import reward, word_problems
+    from nanochat.rl_data import word_problems
     from nanochat.tokenizer import Tokenizer
 
+    # --- setup: the problems, the policy (our own newest checkpoint, a resume, or the SFT one), the optimizer
     torch.manual_seed(args.seed)
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
@@ -181,22 +181,66 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     eval_items = word_problems("test", args.eval_examples)
     epoch_steps = max(1, len(train_items) // args.examples_per_step)
     num_steps = args.num_steps if args.num_steps > 0 else epoch_steps * args.num_epochs
-    passes = args.num_samples // args.device_batch_size
-    per_rank = args.examples_per_step // world_size
-
-    # --- model: our own newest checkpoint (resume) or the SFT one
     resume = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else None
     source_step = find_last_step(args.checkpoint_dir) if args.model_step is None else args.model_step
-    model, meta = load_model(ckpt_dir if resume is not None else args.checkpoint_dir,
+    model, model_config = load_policy(args.checkpoint_dir, source_step, ckpt_dir, resume, num_steps, device)
+    optimizer = build_optimizer(args, model, ckpt_dir, resume, events, rank, world_size, device)
+    engine = Engine(model, tokenizer)
+    log_plan(args, num_steps, len(train_items), len(eval_items), resume or 0, events, world_size)
+
+    # --- the loop: pass@k when due, then one optimizer step; a checkpoint every save_every steps and at the end
+    last_reward, last_eval, t_start = None, {}, time.time()
+    for step in range(resume or 0, num_steps + 1):
+        last = step == num_steps
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            model.eval()
+            last_eval = evaluate(engine, tokenizer, eval_items, args, rank, world_size, device)
+            log_eval(step, last_eval, len(eval_items), events)
+        if last:
+            break
+        t0 = time.time()
+        lrm, stats = optimizer_step(step, model, engine, optimizer, tokenizer, train_items, args, num_steps, ddp,
+                                    rank, world_size, device)
+        last_reward = report_step(step, num_steps, stats, lrm, t0, world_size, events)
+        done = step + 1
+        if args.save_every > 0 and done % args.save_every == 0 and done < num_steps:
+            save(done, model, optimizer, model_config, source_step, num_steps, args, ckpt_dir, rank)
+
+    if resume != num_steps:   # (a restart after the final save only re-evaluates and writes the result)
+        save(num_steps, model, optimizer, model_config, source_step, num_steps, args, ckpt_dir, rank, final=True)
+    metrics = {"reward": last_reward, **last_eval, "num_steps": num_steps, "eval_examples": len(eval_items),
+               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume}
+    if rank == 0:
+        events.log("status", status="done")
+        write_result(out_dir, "rl", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": num_steps})
+    return metrics
+
+
+# --- setup steps
+
+
+def load_policy(checkpoint_dir, source_step, ckpt_dir, resume, num_steps, device):
+    """The model to train: our own checkpoint `resume` if there is one (it must belong to a run of num_steps
+    steps), else the SFT checkpoint source_step. -> (model, its model_config)"""
+    from nanochat.checkpoint import load_model
+    model, meta = load_model(ckpt_dir if resume is not None else checkpoint_dir,
                              resume if resume is not None else source_step, device)
     if resume is not None and meta.get("num_steps") != num_steps:
         raise ValueError(f"rl: the checkpoints in {ckpt_dir} belong to a run of {meta.get('num_steps')} steps, this "
                          f"one has {num_steps}: use another --out-dir")
-    model_config = meta["model_config"]
+    return model, meta["model_config"]
+
+
+def build_optimizer(args, model, ckpt_dir, resume, events, rank, world_size, device):
+    """MuonAdamW at init_lr_frac of the flags' learning rates. On a resume its state (and this rank's RNG states)
+    come from our checkpoint `resume`."""
+    import torch
+
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.common import print0
     optimizer = model.setup_optimizer(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                       matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
     base_lrs = [g["initial_lr"] * args.init_lr_frac for g in optimizer.param_groups]
-    start = 0
     if resume is not None:
         _, optim_state, _, rank_state = load_checkpoint(ckpt_dir, resume, device, rank, world_size=world_size)
         optimizer.load_state_dict(optim_state)
@@ -204,91 +248,112 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
         if rank_state is not None:  # same world size: this rank's RNG states (a cross-world resume reseeds)
             torch.set_rng_state(rank_state["torch_rng"])
             random.setstate(rank_state["python_rng"])
-        start = resume
         print0(f"rl: resuming from step {resume} of {ckpt_dir}")
         events.log("log", message="resumed", step=resume)
     for group, lr in zip(optimizer.param_groups, base_lrs):
         group["lr"] = group["initial_lr"] = lr
-    engine = Engine(model, tokenizer)
-    pad_id = tokenizer.encode_special("<|assistant_end|>")
-    print0(f"rl: {len(train_items)} train / {len(eval_items)} eval problems; {num_steps} steps of "
+    return optimizer
+
+
+def log_plan(args, num_steps, train_problems, eval_problems, start_step, events, world_size):
+    from nanochat.common import print0
+    passes = args.num_samples // args.device_batch_size
+    print0(f"rl: {train_problems} train / {eval_problems} eval problems; {num_steps} steps of "
            f"{args.examples_per_step} problems x {args.num_samples} samples ({passes} passes of "
            f"{args.device_batch_size}) on {world_size} rank(s)")
-    events.log("log", message="resolved", num_steps=num_steps, passes=passes, examples_per_rank=per_rank,
-               start_step=start, args=vars(args))
+    events.log("log", message="resolved", num_steps=num_steps, passes=passes,
+               examples_per_rank=args.examples_per_step // world_size, start_step=start_step, args=vars(args))
 
-    def save(step, final=False):
-        step_meta = {"stage": "rl", "step": step, "num_steps": num_steps, "model_config": model_config,
-                     "user_config": vars(args), "final": final,
-                     "source_checkpoint": {"dir": args.checkpoint_dir, "step": source_step},
-                     "max_seq_len": model_config.get("sequence_len")}
-        state = {"step": step, "cursor": step * args.examples_per_step, "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate()}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), step_meta, rank, rank_state=state)
 
-    last_reward, last_eval, t_start = None, {}, time.time()
-    for step in range(start, num_steps + 1):
-        last = step == num_steps
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
-            last_eval = evaluate(engine, tokenizer, eval_items, args, rank, world_size, device)
-            print0(f"step {step:05d} | " + " ".join(f"{k}: {v:.4f}" for k, v in last_eval.items()))
-            events.metric(step, **{f"eval/{k}": v for k, v in last_eval.items()})
-            for k, v in last_eval.items():
-                events.log("eval", step=step, suite="rl", task="WordProblems", metric=k, value=v, n=len(eval_items))
-        if last:
-            break
-        t0 = time.time()
-        lrm = lr_multiplier(step, num_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-        stats = torch.zeros(4, dtype=torch.float64, device=device)   # reward sum, rollouts, length sum, loss sum
-        for idx in step_examples(step, args.examples_per_step, len(train_items), rank, world_size):
-            item = train_items[idx]
-            prompt = tokenizer.render_for_completion(item)
-            model.eval()
-            sequences, masks = [], []
-            for p in range(passes):
-                seqs, ms = engine.generate_batch(prompt, num_samples=args.device_batch_size,
-                                                 max_tokens=args.max_new_tokens, temperature=args.temperature,
-                                                 top_k=args.top_k, seed=rollout_seed(step, idx, p))
-                sequences += seqs
-                masks += ms
-            rewards = torch.tensor([reward(item, tokenizer.decode(s[len(prompt):])) for s in sequences],
-                                   dtype=torch.float32, device=device)
-            advantages = rewards - rewards.mean()
-            inputs, targets = rollout_batch(sequences, masks, pad_id, device)
-            model.train()
-            for p in range(passes):
-                rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
-                stats[3] += policy_gradient_backward(model, inputs[rows], targets[rows], advantages[rows],
-                                                     passes * per_rank)
-            stats[0] += rewards.sum().item()
-            stats[1] += len(sequences)
-            stats[2] += sum(len(s) - len(prompt) for s in sequences)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        last_reward = (stats[0] / stats[1]).item()
-        loss = (stats[3] / world_size).item()   # each rank's loss is a mean over its examples; ranks average
-        dt = time.time() - t0
-        print0(f"step {step:05d}/{num_steps} | reward: {last_reward:.4f} | loss: {loss:.6f} | "
-               f"len: {(stats[2] / stats[1]).item():.1f} | lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms")
-        events.metric(step, **{"train/reward": last_reward, "train/loss": loss,
-                               "train/seq_len": (stats[2] / stats[1]).item(), "train/lrm": lrm, "train/dt": dt})
-        done = step + 1
-        if args.save_every > 0 and done % args.save_every == 0 and done < num_steps:
-            save(done)
+# --- loop steps
 
-    if resume != num_steps:   # (a restart after the final save only re-evaluates and writes the result)
-        save(num_steps, final=True)
-    metrics = {"reward": last_reward, **last_eval, "num_steps": num_steps, "eval_examples": len(eval_items),
-               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume}
-    if rank == 0:
-        events.log("status", status="done")
-        write_result(out_dir, "rl", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": num_steps})
-    return metrics
+
+def log_eval(step, results, n, events):
+    """Print and log pass@k of an evaluation on n problems."""
+    from nanochat.common import print0
+    print0(f"step {step:05d} | " + " ".join(f"{k}: {v:.4f}" for k, v in results.items()))
+    events.metric(step, **{f"eval/{k}": v for k, v in results.items()})
+    for k, v in results.items():
+        events.log("eval", step=step, suite="rl", task="WordProblems", metric=k, value=v, n=n)
+
+
+def optimizer_step(step, model, engine, optimizer, tokenizer, train_items, args, num_steps, ddp, rank, world_size,
+                   device):
+    """One REINFORCE step: rollouts and policy-gradient backward on each of this rank's problems of the step, then
+    one update at this step's LR. -> (LR multiplier, stats summed over ranks: reward sum, rollouts, completion
+    length sum, loss sum)."""
+    import torch
+    import torch.distributed as dist
+    lrm = lr_multiplier(step, num_steps)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+    stats = torch.zeros(4, dtype=torch.float64, device=device)   # reward sum, rollouts, length sum, loss sum
+    for idx in step_examples(step, args.examples_per_step, len(train_items), rank, world_size):
+        train_on_problem(step, idx, train_items[idx], model, engine, tokenizer, args, world_size, stats, device)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ddp:
+        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
+    return lrm, stats
+
+
+def train_on_problem(step, idx, item, model, engine, tokenizer, args, world_size, stats, device):
+    """num_samples rollouts of problem idx (passes of device_batch_size, seeded by rollout_seed), advantages
+    r - mean(r), and the policy-gradient backward of each pass (grads accumulate); adds to stats."""
+    import torch
+
+    from nanochat.rl_data import reward
+    passes = args.num_samples // args.device_batch_size
+    per_rank = args.examples_per_step // world_size
+    prompt = tokenizer.render_for_completion(item)
+    model.eval()
+    sequences, masks = [], []
+    for p in range(passes):
+        seqs, ms = engine.generate_batch(prompt, num_samples=args.device_batch_size, max_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_k=args.top_k,
+                                         seed=rollout_seed(step, idx, p))
+        sequences += seqs
+        masks += ms
+    rewards = torch.tensor([reward(item, tokenizer.decode(s[len(prompt):])) for s in sequences],
+                           dtype=torch.float32, device=device)
+    advantages = rewards - rewards.mean()
+    inputs, targets = rollout_batch(sequences, masks, tokenizer.encode_special("<|assistant_end|>"), device)
+    model.train()
+    for p in range(passes):
+        rows = slice(p * args.device_batch_size, (p + 1) * args.device_batch_size)
+        stats[3] += policy_gradient_backward(model, inputs[rows], targets[rows], advantages[rows], passes * per_rank)
+    stats[0] += rewards.sum().item()
+    stats[1] += len(sequences)
+    stats[2] += sum(len(s) - len(prompt) for s in sequences)
+
+
+def report_step(step, num_steps, stats, lrm, t0, world_size, events):
+    """Print and log the step begun at time t0. -> mean reward of its rollouts (all ranks)."""
+    from nanochat.common import print0
+    reward = (stats[0] / stats[1]).item()
+    loss = (stats[3] / world_size).item()   # each rank's loss is a mean over its examples; ranks average
+    dt = time.time() - t0
+    seq_len = (stats[2] / stats[1]).item()
+    print0(f"step {step:05d}/{num_steps} | reward: {reward:.4f} | loss: {loss:.6f} | len: {seq_len:.1f} | "
+           f"lrm: {lrm:.3f} | dt: {dt * 1000:.0f}ms")
+    events.metric(step, **{"train/reward": reward, "train/loss": loss, "train/seq_len": seq_len, "train/lrm": lrm,
+                           "train/dt": dt})
+    return reward
+
+
+def save(step, model, optimizer, model_config, source_step, num_steps, args, ckpt_dir, rank, final=False):
+    """Checkpoint after `step` steps: the model, this rank's optimizer shard, its RNG states and data cursor."""
+    import torch
+
+    from nanochat.checkpoint import save_checkpoint
+    step_meta = {"stage": "rl", "step": step, "num_steps": num_steps, "model_config": model_config,
+                 "user_config": vars(args), "final": final,
+                 "source_checkpoint": {"dir": args.checkpoint_dir, "step": source_step},
+                 "max_seq_len": model_config.get("sequence_len")}
+    rank_state = {"step": step, "cursor": step * args.examples_per_step, "torch_rng": torch.get_rng_state(),
+                  "python_rng": random.getstate()}
+    save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(), step_meta, rank,
+                    rank_state=rank_state)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import math
 import os
 import random
 import time
+from dataclasses import dataclass
 
 
 def build_parser():
@@ -173,62 +174,149 @@ def main(argv=None):
                      world_size=world_size, device=str(device))
 
 
+# -----------------------------------------------------------------------------
+# Training. train() is the outline; the steps it calls follow below in the order it calls them.
+
+
+@dataclass(frozen=True)
+class Batch:
+    """How a step's rows (seq_len + 1 tokens each) are split: device_batch_size rows per micro-batch, grad_accum
+    micro-batches per rank; rows_per_step over all ranks."""
+    seq_len: int
+    device_batch_size: int
+    total_batch_size: int   # tokens per step, all ranks
+    grad_accum: int
+    rows_per_step: int
+
+
+@dataclass
+class LoopState:
+    """The latest losses and the supervised tokens trained on so far: a checkpoint's meta records them, a resume
+    restores train_loss and supervised_tokens."""
+    val_loss: float | None = None
+    train_loss: float | None = None
+    supervised_tokens: int = 0
+
+
 def train(args, out_dir, events, ddp, rank, world_size, device):
     import torch
 
-    from nanochat.checkpoint import find_last_step, list_steps, load_checkpoint, load_model, save_checkpoint
-    from nanochat.common import COMPUTE_DTYPE, dtype_name, get_base_dir, log_device, print0, write_result
-    from nanochat.optim import step_with_scaler
-    from nanochat.sft_data import pack_rows, rows_to_batch
+    from nanochat.checkpoint import find_last_step, list_steps, load_model
+    from nanochat.common import COMPUTE_DTYPE, dtype_name, log_device, write_result
     from nanochat.tokenizer import Tokenizer
 
+    # --- setup: the base model, batch and data, our own checkpoint to resume from, the optimizer
     torch.manual_seed(args.seed)
     _, dtype_reason = log_device(events, device, ddp)
     tokenizer = Tokenizer.from_directory(args.tokenizer_dir)
     step0 = find_last_step(args.checkpoint_dir) if args.model_step is None else args.model_step
     model, base_meta = load_model(args.checkpoint_dir, step0, device)
     model.train()
-    user = base_meta.get("user_config", {})
-    T = args.max_seq_len or base_meta.get("max_seq_len") or model.config.sequence_len
-    if T > model.config.sequence_len:
-        raise ValueError(f"sft: --max-seq-len {T} exceeds the base model's sequence_len {model.config.sequence_len}")
+    batch = resolve_batch(args, base_meta, model.config.sequence_len, world_size)
+    lrs = resolve_lrs(args, base_meta)
+    N, conversations, train_rows, val_rows = build_rows(args, tokenizer, batch, lrs, events, rank, world_size)
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    resume = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else None
+    resume_meta = {}
+    if resume is not None:
+        model, resume_meta = load_resumed_model(ckpt_dir, resume, N, device)
+    optimizer = build_optimizer(args, model, lrs, step0, ckpt_dir, resume, events, rank, world_size, device)
+    scaler = build_grad_scaler(resume_meta, device)
+    meta = checkpoint_meta(args, base_meta, step0, batch, N)
+
+    # --- the loop: val loss when due, then one optimizer step; a checkpoint every save_every steps and at the end
+    state = LoopState(train_loss=resume_meta.get("train_loss"),  # a resume continues; {} on a fresh run
+                      supervised_tokens=resume_meta.get("supervised_tokens", 0))
+    t_start = time.time()
+    for step in range(resume or 0, N + 1):
+        last = step == N
+        if last or (args.eval_every > 0 and step % args.eval_every == 0):
+            evaluate_val_loss(step, state, model, val_rows, args, batch, events, ddp, world_size, device)
+        if last:
+            break
+        train_loss, ntok, lrm, dt = optimizer_step(step, model, optimizer, scaler, train_rows, batch, args, N, ddp,
+                                                   rank, device)
+        report_step(step, N, state, train_loss, ntok, lrm, dt, scaler, events)
+        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < N:
+            save(step + 1, state, meta, model, optimizer, scaler, batch, ckpt_dir, rank)
+    save(N, state, meta, model, optimizer, scaler, batch, ckpt_dir, rank)
+
+    metrics = {"train_loss": state.train_loss, "val_loss": state.val_loss, "num_iterations": N,
+               "conversations": conversations, "supervised_tokens": state.supervised_tokens,
+               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume,
+               "compute_dtype": dtype_name(COMPUTE_DTYPE), "dtype_reason": dtype_reason}
+    if rank == 0:
+        events.log("status", status="done")
+        write_result(out_dir, "sft", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": N})
+    return metrics
+
+
+# --- setup steps
+
+
+def resolve_batch(args, base_meta, model_seq_len, world_size):
+    """Sequence length, device batch size and total batch size: the flags, else the base run's. -> Batch"""
+    T = args.max_seq_len or base_meta.get("max_seq_len") or model_seq_len
+    if T > model_seq_len:
+        raise ValueError(f"sft: --max-seq-len {T} exceeds the base model's sequence_len {model_seq_len}")
     dbs = args.device_batch_size or base_meta.get("device_batch_size") or 32
     B = args.total_batch_size or base_meta.get("total_batch_size") or dbs * T * world_size
     if B % (dbs * T * world_size):
         raise ValueError(f"sft: total batch size {B} is not a multiple of device_batch_size*max_seq_len*world "
                          f"= {dbs}*{T}*{world_size}")
     grad_accum = B // (dbs * T * world_size)
-    lrs = {k: getattr(args, k) if getattr(args, k) is not None else user.get(k, d)
-           for k, d in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
+    return Batch(seq_len=T, device_batch_size=dbs, total_batch_size=B, grad_accum=grad_accum,
+                 rows_per_step=dbs * grad_accum * world_size)
 
-    # --- data: every rank packs everything the same way, then takes rows rank::world
+
+def resolve_lrs(args, base_meta):
+    """The flags' learning rates, else the base run's, else nanochat's defaults."""
+    user = base_meta.get("user_config", {})
+    return {k: getattr(args, k) if getattr(args, k) is not None else user.get(k, d)
+            for k, d in (("embedding_lr", 0.3), ("unembedding_lr", 0.004), ("matrix_lr", 0.02))}
+
+
+def build_rows(args, tokenizer, batch, lrs, events, rank, world_size):
+    """The mixture rendered and packed into rows: every rank packs everything the same way; the val rows are
+    strided over ranks. Prints and logs the plan. -> (num_iterations, train conversations, train rows, this rank's
+    val rows)."""
+    from nanochat.common import get_base_dir, print0
+    from nanochat.sft_data import pack_rows
+    T = batch.seq_len
     train_convs, val_convs, source_counts = build_mixture(args, os.path.join(get_base_dir(), "packages"))
     bos = tokenizer.get_bos_token_id()
     render = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in train_convs]
     train_rows = pack_rows(render, T + 1, bos)
     val_rows = pack_rows([tokenizer.render_conversation(c, max_tokens=T + 1) for c in val_convs], T + 1, bos)
-    rows_per_step = dbs * grad_accum * world_size
-    N = args.num_iterations if args.num_iterations > 0 else max(1, len(train_rows) // rows_per_step)
+    N = args.num_iterations if args.num_iterations > 0 else max(1, len(train_rows) // batch.rows_per_step)
     val_rows = val_rows[rank::world_size]
-    eval_rows = max(1, args.eval_tokens // (T * world_size))
     print0(f"sft: {len(train_convs)} train / {len(val_convs)} val conversations {source_counts} -> "
-           f"{len(train_rows)} rows of {T + 1}; {N} steps of {rows_per_step} rows (grad accum {grad_accum}); "
-           f"lrs {lrs}")
+           f"{len(train_rows)} rows of {T + 1}; {N} steps of {batch.rows_per_step} rows (grad accum "
+           f"{batch.grad_accum}); lrs {lrs}")
     events.log("log", message="resolved", num_iterations=N, rows=len(train_rows), max_seq_len=T,
-               device_batch_size=dbs, total_batch_size=B, grad_accum_steps=grad_accum, sources=source_counts,
-               lrs=lrs, args=vars(args))
+               device_batch_size=batch.device_batch_size, total_batch_size=batch.total_batch_size,
+               grad_accum_steps=batch.grad_accum, sources=source_counts, lrs=lrs, args=vars(args))
+    return N, len(train_convs), train_rows, val_rows
 
-    # --- resume from our own newest checkpoint if there is one (model, optimizer shard, RNG states)
-    ckpt_dir = os.path.join(out_dir, "checkpoints")
-    resume = find_last_step(ckpt_dir) if list_steps(ckpt_dir) else None
-    if resume is not None:
-        model, resume_meta = load_model(ckpt_dir, resume, device)
-        model.train()
-        if resume_meta.get("num_iterations") != N:
-            raise ValueError(f"sft: the checkpoints in {ckpt_dir} belong to a run of "
-                             f"{resume_meta.get('num_iterations')} steps, this one has {N}: use another --out-dir")
 
-    # --- optimizer, warm-started from this rank's pretraining shard when there is one
+def load_resumed_model(ckpt_dir, step, num_iterations, device):
+    """The model of our own checkpoint `step`, if it belongs to a run of this many steps. -> (model, meta)"""
+    from nanochat.checkpoint import load_model
+    model, meta = load_model(ckpt_dir, step, device)
+    model.train()
+    if meta.get("num_iterations") != num_iterations:
+        raise ValueError(f"sft: the checkpoints in {ckpt_dir} belong to a run of {meta.get('num_iterations')} "
+                         f"steps, this one has {num_iterations}: use another --out-dir")
+    return model, meta
+
+
+def build_optimizer(args, model, lrs, step0, ckpt_dir, resume, events, rank, world_size, device):
+    """MuonAdamW at init_lr_frac of lrs. On a resume its state (and this rank's RNG states) come from our checkpoint
+    `resume`; else it is warm-started from this rank's pretraining shard when there is one (--load-optimizer)."""
+    import torch
+
+    from nanochat.checkpoint import load_checkpoint
+    from nanochat.common import print0
     optimizer = model.setup_optimizer(weight_decay=0.0, **lrs)
     base_lrs = [g["initial_lr"] * args.init_lr_frac for g in optimizer.param_groups]
     has_optim = os.path.exists(os.path.join(args.checkpoint_dir, f"optim_{step0:06d}_rank0.pt"))
@@ -251,76 +339,100 @@ def train(args, out_dir, events, ddp, rank, world_size, device):
     for group, lr in zip(optimizer.param_groups, base_lrs):  # load_state_dict restored saved LRs: use ours
         group["lr"] = group["initial_lr"] = lr
     events.log("log", message="optimizer", warm_started=bool(args.load_optimizer and has_optim))
-    # fp16 needs loss scaling (reference 2.10); its state is part of the checkpoint, so a resume is exact
+    return optimizer
+
+
+def build_grad_scaler(resume_meta, device):
+    """fp16 needs loss scaling (reference 2.10); its state is part of the checkpoint, so a resume is exact.
+    Disabled (a no-op) in other dtypes."""
+    import torch
+
+    from nanochat.common import COMPUTE_DTYPE
     scaler = torch.amp.GradScaler(device.type, enabled=COMPUTE_DTYPE == torch.float16)
-    if scaler.is_enabled() and resume is not None and "grad_scaler" in resume_meta:
+    if scaler.is_enabled() and "grad_scaler" in resume_meta:
         scaler.load_state_dict(resume_meta["grad_scaler"])
+    return scaler
 
-    def step_batches(step):
-        """This rank's grad_accum micro-batches of a step (rows cycle when num_iterations exceeds an epoch)."""
-        base = step * rows_per_step
-        out = []
-        for a in range(grad_accum):
-            start = base + (rank * grad_accum + a) * dbs
-            out.append(rows_to_batch([train_rows[(start + i) % len(train_rows)] for i in range(dbs)], device))
-        return out
 
-    meta = {"stage": "sft", "num_iterations": N, "model_config": base_meta["model_config"],
-            "user_config": vars(args), "max_seq_len": T, "device_batch_size": dbs, "total_batch_size": B,
-            "model_tag": base_meta.get("model_tag"), "base_checkpoint": {"dir": args.checkpoint_dir, "step": step0}}
+def checkpoint_meta(args, base_meta, step0, batch, num_iterations):
+    """The part of every checkpoint's meta that does not change during the run (save() adds the rest)."""
+    return {"stage": "sft", "num_iterations": num_iterations, "model_config": base_meta["model_config"],
+            "user_config": vars(args), "max_seq_len": batch.seq_len, "device_batch_size": batch.device_batch_size,
+            "total_batch_size": batch.total_batch_size, "model_tag": base_meta.get("model_tag"),
+            "base_checkpoint": {"dir": args.checkpoint_dir, "step": step0}}
 
-    def save(step):
-        state = {"step": step, "rows_consumed": step * rows_per_step, "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate()}
-        extra = {"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}
-        save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(),
-                        {**meta, "step": step, "val_loss": val_loss, "train_loss": train_loss,
-                         "supervised_tokens": supervised_total, **extra}, rank, rank_state=state)
 
-    first_step = resume or 0
-    val_loss, train_loss, supervised_total, t_start = None, None, 0, time.time()
-    if resume is not None:
-        train_loss, supervised_total = resume_meta.get("train_loss"), resume_meta.get("supervised_tokens", 0)
-    for step in range(first_step, N + 1):
-        last = step == N
-        if last or (args.eval_every > 0 and step % args.eval_every == 0):
-            model.eval()
-            val_loss = evaluate_loss(model, val_rows[:eval_rows], dbs, device, ddp)
-            model.train()
-            print0(f"step {step:05d} | val loss: {val_loss:.6f}")
-            events.metric(step, **{"val/loss": val_loss})
-        if last:
-            break
-        t0 = time.time()
-        loss, ntok = accumulate_step(model, step_batches(step), ddp, scaler)
-        lrm = lr_multiplier(step / N, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-            if group["kind"] == "muon":
-                group["momentum"] = muon_momentum(step)
-        step_with_scaler(optimizer, scaler)
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = loss.item()
-        supervised_total += ntok
-        dt = time.time() - t0
-        print0(f"step {step:05d}/{N} | loss: {train_loss:.6f} | lrm: {lrm:.3f} | tokens: {ntok} | dt: {dt * 1000:.0f}ms")
-        extra = {"train/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
-        events.metric(step, **{"train/loss": train_loss, "train/lrm": lrm, "train/supervised_tokens": ntok,
-                               "train/dt": dt, **extra})
-        if not math.isfinite(train_loss):
-            raise ValueError(f"sft: loss is {train_loss} at step {step}")
-        if args.save_every > 0 and (step + 1) % args.save_every == 0 and step + 1 < N:
-            save(step + 1)
+# --- loop steps
 
-    save(N)
-    metrics = {"train_loss": train_loss, "val_loss": val_loss, "num_iterations": N,
-               "conversations": len(train_convs), "supervised_tokens": supervised_total,
-               "training_time": time.time() - t_start, "world_size": world_size, "resumed_from": resume,
-               "compute_dtype": dtype_name(COMPUTE_DTYPE), "dtype_reason": dtype_reason}
-    if rank == 0:
-        events.log("status", status="done")
-        write_result(out_dir, "sft", metrics=metrics, outputs={"checkpoint_dir": ckpt_dir, "last_step": N})
-    return metrics
+
+def evaluate_val_loss(step, state, model, val_rows, args, batch, events, ddp, world_size, device):
+    """Val loss per supervised token on the first eval_tokens worth of this rank's val rows. Sets state.val_loss."""
+    from nanochat.common import print0
+    eval_rows = max(1, args.eval_tokens // (batch.seq_len * world_size))
+    model.eval()
+    state.val_loss = evaluate_loss(model, val_rows[:eval_rows], batch.device_batch_size, device, ddp)
+    model.train()
+    print0(f"step {step:05d} | val loss: {state.val_loss:.6f}")
+    events.metric(step, **{"val/loss": state.val_loss})
+
+
+def step_batches(train_rows, step, batch, rank, device):
+    """This rank's grad_accum micro-batches of a step: the rows are a pure function of the step (they cycle when
+    num_iterations exceeds an epoch), so the step is the data cursor."""
+    from nanochat.sft_data import rows_to_batch
+    dbs = batch.device_batch_size
+    base = step * batch.rows_per_step
+    out = []
+    for a in range(batch.grad_accum):
+        start = base + (rank * batch.grad_accum + a) * dbs
+        out.append(rows_to_batch([train_rows[(start + i) % len(train_rows)] for i in range(dbs)], device))
+    return out
+
+
+def optimizer_step(step, model, optimizer, scaler, train_rows, batch, args, num_iterations, ddp, rank, device):
+    """One optimizer step on the step's rows with this step's LR and Muon momentum.
+    -> (loss per supervised token of the step, supervised tokens of the step (all ranks), LR multiplier, seconds)."""
+    from nanochat.optim import step_with_scaler
+    t0 = time.time()
+    loss, ntok = accumulate_step(model, step_batches(train_rows, step, batch, rank, device), ddp, scaler)
+    lrm = lr_multiplier(step / num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lrm
+        if group["kind"] == "muon":
+            group["momentum"] = muon_momentum(step)
+    step_with_scaler(optimizer, scaler)
+    optimizer.zero_grad(set_to_none=True)
+    train_loss = loss.item()
+    return train_loss, ntok, lrm, time.time() - t0
+
+
+def report_step(step, num_iterations, state, train_loss, ntok, lrm, dt, scaler, events):
+    """Print and log the step; set state.train_loss and count its supervised tokens. A non-finite loss stops the
+    stage."""
+    from nanochat.common import print0
+    state.train_loss = train_loss
+    state.supervised_tokens += ntok
+    print0(f"step {step:05d}/{num_iterations} | loss: {train_loss:.6f} | lrm: {lrm:.3f} | tokens: {ntok} | "
+           f"dt: {dt * 1000:.0f}ms")
+    extra = {"train/loss_scale": scaler.get_scale()} if scaler.is_enabled() else {}
+    events.metric(step, **{"train/loss": train_loss, "train/lrm": lrm, "train/supervised_tokens": ntok,
+                           "train/dt": dt, **extra})
+    if not math.isfinite(train_loss):
+        raise ValueError(f"sft: loss is {train_loss} at step {step}")
+
+
+def save(step, state, meta, model, optimizer, scaler, batch, ckpt_dir, rank):
+    """Checkpoint after `step` steps: the model, this rank's optimizer shard and RNG states, the meta with the loop
+    state and the fp16 scaler."""
+    import torch
+
+    from nanochat.checkpoint import save_checkpoint
+    rank_state = {"step": step, "rows_consumed": step * batch.rows_per_step, "torch_rng": torch.get_rng_state(),
+                  "python_rng": random.getstate()}
+    extra = {"grad_scaler": scaler.state_dict()} if scaler.is_enabled() else {}
+    save_checkpoint(ckpt_dir, step, model.state_dict(), optimizer.state_dict(),
+                    {**meta, "step": step, "val_loss": state.val_loss, "train_loss": state.train_loss,
+                     "supervised_tokens": state.supervised_tokens, **extra}, rank, rank_state=rank_state)
 
 
 if __name__ == "__main__":
