@@ -451,7 +451,7 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
                 continue
             os.makedirs(sdir, exist_ok=True)
             # a stage that spans the nodes: every node's apply runs its part under its own lock file; a single-process
-            # stage (data, tok_train, evals) of a multi-node spec: one node runs it, and with a shared
+            # stage (data, tok_train) of a multi-node spec: one node runs it, and with a shared
             # $NANORUN_HOME the others wait on the same lock and then find it done
             spans = stage.nnodes > 1
             waiting = (lambda msg, name=stage.name: echo(f"[{name}] {msg}")) if multi_node and not spans else None
