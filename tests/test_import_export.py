@@ -156,6 +156,37 @@ def test_import_registers_a_run_that_show_eval_and_chat_use(imported, nanochat_d
     assert "sft step 200" in chat.output and "base model" not in chat.output
 
 
+async def test_imported_runs_in_compare_and_the_tui(nanochat_dir, nanorun_home):
+    """Two imports of one nanochat dir (steps 200 and 100): `compare` reads them like trained runs (no training
+    curve, so no multiplier, said so), and the TUI lists them and opens one's detail with its imported stages."""
+    from textual.widgets import DataTable
+
+    from nanochat import rundir
+    from tui.app import NanorunApp
+    from tui.run_detail import RunDetailScreen
+
+    assert nanorun("import", "nanochat", nanochat_dir).exit_code == 0
+    assert nanorun("import", "nanochat", nanochat_dir, "--step", "100", "--name", "older").exit_code == 0
+    newest = next(r for r in rundir.run_ids(nanorun_home) if r.startswith("nanochat-d3-"))
+    older = next(r for r in rundir.run_ids(nanorun_home) if r.startswith("older-"))
+    out = nanorun("compare", newest, older, "--no-plots")
+    assert out.exit_code == 0, out.output
+    assert f"A {newest}: val bpb 1.2500 (n=1" in out.output and f"B {older}: val bpb 1.2500 (n=1" in out.output
+    assert "needs at least 2 seeds per side" in out.output and "compute multiplier: unknown" in out.output
+
+    app = NanorunApp(home=nanorun_home, refresh_seconds=None, monitor_seconds=None)
+    async with app.run_test(size=(140, 40)) as pilot:
+        table = app.screen.query_one(DataTable)
+        ids = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        assert sorted(ids) == sorted([newest, older])
+        await pilot.press(*(["down"] * ids.index(newest)), "enter")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, RunDetailScreen) and screen.run_id == newest
+        stages = screen.query_one("#stages-table", DataTable)
+        assert [str(stages.get_row_at(i)[0]) for i in range(stages.row_count)] == ["tok_train", "base_train", "sft"]
+
+
 def test_step_tag_source_and_name(nanochat_dir, nanorun_home):
     from nanochat import rundir
     result = nanorun("import", "nanochat", nanochat_dir, "--step", "100", "--source", "base", "--name", "mine")
