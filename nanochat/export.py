@@ -141,7 +141,7 @@ def _hf_config(config, tokenizer):
         "auto_map": {"AutoConfig": "configuration_nanorun.NanorunConfig",
                      "AutoModelForCausalLM": "modeling_nanorun.NanorunForCausalLM"},
         **arch, "bos_token_id": sp["<|bos|>"], "eos_token_id": [sp["<|assistant_end|>"], sp["<|bos|>"]],
-        "pad_token_id": sp["<|bos|>"], "tie_word_embeddings": False, "use_cache": False, "dtype": "float32",
+        "pad_token_id": sp["<|bos|>"], "tie_word_embeddings": False, "use_cache": True, "dtype": "float32",
     }
 
 
@@ -160,7 +160,7 @@ def _hf_tokenizer_files(config, tokenizer, chat):
 def _generation_config(tokenizer):
     sp = tokenizer.special_tokens
     return {"bos_token_id": sp["<|bos|>"], "eos_token_id": [sp["<|assistant_end|>"], sp["<|bos|>"]],
-            "pad_token_id": sp["<|bos|>"], "do_sample": True, **SAMPLING, "use_cache": False}
+            "pad_token_id": sp["<|bos|>"], "do_sample": True, **SAMPLING, "use_cache": True}
 
 
 # -----------------------------------------------------------------------------

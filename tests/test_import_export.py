@@ -297,11 +297,33 @@ def test_round_trip_reference_layout_to_transformers(imported, nanorun_home, tmp
     with torch.no_grad():   # transformers' labels convention (shifted inside) gives nanorun's loss
         assert abs(hf(ids, labels=ids).loss.item() - ours(ids[:, :-1], ids[:, 1:]).item()) <= 1e-4
 
+    with torch.no_grad():   # the KV cache: 150 tokens at once, then one at a time (past the 128-token S window)
+        cache = hf(ids[:, :150], use_cache=True).past_key_values
+        assert cache.get_seq_length() == 150
+        steps = [hf(ids[:, :t + 1], past_key_values=cache).logits[:, -1] for t in range(150, 200)]
+    assert (torch.stack(steps, 1) - expected[:, 150:]).abs().max().item() <= 1e-4
+    # ... and with left padding: row 0 padded by 20, its logits as without the padding
+    padded = torch.cat([torch.zeros(1, 20, dtype=torch.long), ids[:1, :180]], dim=1)
+    mask = torch.cat([torch.zeros(1, 20, dtype=torch.long), torch.ones(1, 180, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        full = hf(padded, attention_mask=mask).logits[0, 20:]
+        cache = hf(padded[:, :120], attention_mask=mask[:, :120], use_cache=True).past_key_values
+        steps = [hf(padded[:, :t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits[0, -1]
+                 for t in range(120, 200)]
+    assert (full - expected[0, :180]).abs().max().item() <= 1e-4
+    assert (torch.stack(steps) - expected[0, 100:180]).abs().max().item() <= 1e-4
+
     prompt = tokenizer.encode("The king walked", prepend="<|bos|>")
     greedy = list(ours.generate(prompt, max_tokens=12, temperature=0))
+    lengths = []   # tokens the first block sees per step: the prompt, then one at a time (the KV cache is used)
+    hook = hf.transformer.h[0].register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
     with torch.no_grad():
         generated = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)[0, len(prompt):].tolist()
-    assert generated == greedy
+        hook.remove()
+        assert lengths == [len(prompt)] + [1] * 11
+        uncached = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False,
+                               use_cache=False)[0, len(prompt):].tolist()
+    assert generated == uncached == greedy
 
     for text in TEXTS:
         assert tok(text, add_special_tokens=False)["input_ids"] == tokenizer.encode(text)

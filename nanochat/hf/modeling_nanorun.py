@@ -22,19 +22,25 @@ The architecture, top to bottom (tensor shapes: B batch, T tokens, C = n_embd, H
       after layer n_layer // 2 the stream is remembered, and backout_lambda times it is subtracted at the end
   logits = 15 * tanh(lm_head(rmsnorm(x)) / 15), cut to vocab_size
 
-The parameter names are nanorun's, so its state dict loads unchanged. There is no KV cache: each generated token
-runs the whole sequence again (exact, and simple; fine for the small models nanorun trains).
+The parameter names are nanorun's, so its state dict loads unchanged. generate() uses a KV cache (transformers'
+DynamicCache, or any Cache passed as `cache`, `past_key_values` before transformers 5.2x): a step runs only the new
+tokens against the cached keys and values, and the smear reads the previous token's embedding from input_ids, which
+generation passes in full.
 """
 
+import dataclasses
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_nanorun import NanorunConfig
+
+# transformers 5.x renamed past_key_values to cache (outputs, forward and generate's kwargs): accept both
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 def rms_norm(x):
@@ -66,13 +72,14 @@ def apply_rotary(x, cos, sin):
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-def attention_mask_for(T, window, padding, device):
-    """Boolean (B or 1, 1, T, T) mask, True = attend; None when plain causal attention is exact (no padding and a
-    window covering the sequence). padding: (B, T) with 0 at padded positions, or None."""
-    if padding is None and window >= T - 1:
+def attention_mask_for(T, window, padding, device, past=0):
+    """Boolean (B or 1, 1, T, past + T) mask for T queries at positions past.. past+T-1 over every key so far,
+    True = attend; None when plain causal attention is exact (nothing cached, no padding, a window covering the
+    sequence). padding: (B, past + T) with 0 at padded positions, or None."""
+    if past == 0 and padding is None and window >= T - 1:
         return None
-    i = torch.arange(T, device=device)[:, None]
-    j = torch.arange(T, device=device)[None, :]
+    i = torch.arange(past, past + T, device=device)[:, None]
+    j = torch.arange(past + T, device=device)[None, :]
     mask = ((j <= i) & (i - j <= window))[None, None]
     if padding is not None:   # padded keys are hidden; every query still sees itself (no all-masked rows)
         mask = mask & (padding[:, None, None, :].bool() | (i == j))
@@ -91,7 +98,7 @@ class Attention(nn.Module):
         self.c_proj = nn.Linear(H * self.head_dim, C, bias=False)
         self.ve_gate = nn.Linear(config.ve_gate_channels, Hkv, bias=False) if has_value_embedding else None
 
-    def forward(self, x, ve, cos, sin, mask):
+    def forward(self, x, ve, cos, sin, mask, cache=None, layer_idx=0):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -101,8 +108,10 @@ class Attention(nn.Module):
             v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k = rms_norm(q) * self.qk_scale, rms_norm(k) * self.qk_scale
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=mask, is_causal=mask is None,
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)        # (B, heads, T, D)
+        if cache is not None:   # the keys and values of every earlier position, then these
+            k, v = cache.update(k, v, layer_idx)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -123,8 +132,8 @@ class Block(nn.Module):
         self.attn = Attention(config, has_value_embedding)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, mask):
-        x = x + self.attn(rms_norm(x), ve, cos, sin, mask)
+    def forward(self, x, ve, cos, sin, mask, cache=None, layer_idx=0):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, mask, cache, layer_idx)
         return x + self.mlp(rms_norm(x))
 
 
@@ -170,29 +179,48 @@ class NanorunForCausalLM(PreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
-    def forward(self, input_ids, attention_mask=None, labels=None, return_dict=None, **kwargs):
-        B, T = input_ids.shape
+    def forward(self, input_ids, attention_mask=None, labels=None, cache=None, past_key_values=None, use_cache=None,
+                return_dict=None, **kwargs):
+        """input_ids (B, P + T): with a cache holding P positions only the last T are run (generation passes the
+        whole sequence; the one before them feeds the smear). attention_mask covers all P + T positions."""
         config = self.config
         dtype = self.lm_head.weight.dtype
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        ids = input_ids[:, past:] if input_ids.size(1) > past else input_ids   # the new tokens
+        B, T = ids.shape
         padding = None
         if attention_mask is not None and not bool(attention_mask.all()):
             padding = attention_mask
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)   # left padding: real tokens from 0
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]   # left padding: real tokens from 0
         else:
-            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+            positions = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         cos, sin = rotary(positions, config.n_embd // config.n_head, config.rope_theta, dtype)
 
-        x = rms_norm(self.transformer.wte(input_ids).to(dtype))
+        x = rms_norm(self.transformer.wte(ids).to(dtype))
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :config.smear_channels]))   # (B, T, 1)
-        previous = x[:, :-1] if padding is None else x[:, :-1] * padding[:, :-1, None].to(dtype)
-        x = torch.cat([x[:, :1], x[:, 1:] + gate[:, 1:] * previous], dim=1)
+        previous = x[:, :-1]
+        if past > 0:   # the token before the new ones, from the full input_ids
+            if input_ids.size(1) <= past:
+                raise ValueError("with a KV cache, pass the whole sequence as input_ids (generate() does)")
+            previous = torch.cat([rms_norm(self.transformer.wte(input_ids[:, past - 1:past]).to(dtype)), previous], 1)
+        else:
+            x_first, x = x[:, :1], x[:, 1:]
+            gate = gate[:, 1:]
+        if padding is not None:
+            previous = previous * padding[:, -previous.size(1) - 1:-1, None].to(dtype)
+        x = x + gate * previous
+        if past == 0:
+            x = torch.cat([x_first, x], dim=1)
 
         x0, x_backout = x, None
-        masks = {w: attention_mask_for(T, w, padding, input_ids.device) for w in set(self.windows)}
+        masks = {w: attention_mask_for(T, w, padding, input_ids.device, past) for w in set(self.windows)}
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            ve = self.value_embeds[str(i)](input_ids).to(dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, masks[self.windows[i]])
+            ve = self.value_embeds[str(i)](ids).to(dtype) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos, sin, masks[self.windows[i]], cache, i)
             if i == config.n_layer // 2:
                 x_backout = x
         if x_backout is not None:
@@ -202,10 +230,12 @@ class NanorunForCausalLM(PreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:   # transformers' convention: labels are the inputs, shifted here; -100 is ignored
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1),
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, -T:][:, 1:].reshape(-1),
                                    ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
 
-    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
-        # no KV cache: every step sees the whole sequence
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None, past_key_values=None,
+                                      use_cache=True, **kwargs):
+        # the whole sequence every step: forward runs only what the cache does not hold yet
+        cache = cache if cache is not None else past_key_values
+        return {"input_ids": input_ids, "attention_mask": attention_mask, CACHE_FIELD: cache, "use_cache": use_cache}
