@@ -271,6 +271,11 @@ def test_export_safetensors(imported, nanorun_home, tmp_path, tokenizer):
         assert hf.encode(text).ids == tokenizer.encode(text, prepend="<|bos|>")
 
 
+def _cache_of(output):
+    """The KV cache of a transformers output: `cache` from transformers 5.2x on, `past_key_values` before."""
+    return output["cache"] if "cache" in output else output["past_key_values"]
+
+
 def test_round_trip_reference_layout_to_transformers(imported, nanorun_home, tmp_path, tokenizer):
     """Issue 15 item 4: the reference-layout checkpoint, imported, exported as hf and loaded by transformers gives
     nanorun's logits (fp32, 1e-4), the same greedy tokens, the same token ids and the same chat rendering."""
@@ -298,7 +303,7 @@ def test_round_trip_reference_layout_to_transformers(imported, nanorun_home, tmp
         assert abs(hf(ids, labels=ids).loss.item() - ours(ids[:, :-1], ids[:, 1:]).item()) <= 1e-4
 
     with torch.no_grad():   # the KV cache: 150 tokens at once, then one at a time (past the 128-token S window)
-        cache = hf(ids[:, :150], use_cache=True).past_key_values
+        cache = _cache_of(hf(ids[:, :150], use_cache=True))
         assert cache.get_seq_length() == 150
         steps = [hf(ids[:, :t + 1], past_key_values=cache).logits[:, -1] for t in range(150, 200)]
     assert (torch.stack(steps, 1) - expected[:, 150:]).abs().max().item() <= 1e-4
@@ -307,7 +312,7 @@ def test_round_trip_reference_layout_to_transformers(imported, nanorun_home, tmp
     mask = torch.cat([torch.zeros(1, 20, dtype=torch.long), torch.ones(1, 180, dtype=torch.long)], dim=1)
     with torch.no_grad():
         full = hf(padded, attention_mask=mask).logits[0, 20:]
-        cache = hf(padded[:, :120], attention_mask=mask[:, :120], use_cache=True).past_key_values
+        cache = _cache_of(hf(padded[:, :120], attention_mask=mask[:, :120], use_cache=True))
         steps = [hf(padded[:, :t + 1], attention_mask=mask[:, :t + 1], past_key_values=cache).logits[0, -1]
                  for t in range(120, 200)]
     assert (full - expected[0, :180]).abs().max().item() <= 1e-4
