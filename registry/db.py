@@ -60,6 +60,8 @@ _V1_TABLES = [
 # per-key aggregates of what that stage produced, and live fallbacks from events.jsonl for a running/stopped stage.
 # Stages log slash names (val/bpb, train/loss, core/metric); older trees used underscores: both are accepted.
 _VIEWS = [
+    # v5 added the column; earlier migrations re-create these views too, so they add it first where it is missing
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS recipe_hash VARCHAR",
     f"""CREATE OR REPLACE VIEW run_summary AS
     WITH last_stage AS (  -- for base_eval: the newest one that produced CORE (a later bpb-only eval must not hide it)
         SELECT s.run_id, s.stage, coalesce(arg_max(s.key, s.idx) FILTER (WHERE c.key IS NOT NULL),
@@ -120,7 +122,7 @@ _VIEWS = [
         LEFT JOIN key_time kt ON kt.key = tr.key
         LEFT JOIN core_tasks ct ON ct.key = ev.key
         LEFT JOIN stage_time st ON st.run_id = r.run_id)
-    SELECT run_id, name, status, depth, seed, tags, created_at, started_at, finished_at, git_commit, host, nodes,
+    SELECT run_id, name, spec_hash, recipe_hash, status, depth, seed, tags, created_at, started_at, finished_at, git_commit, host, nodes,
         gpus_per_node, gpu, usd_per_gpu_hour, hardware, val_bpb, min_val_bpb, total_training_time, total_flops, mfu,
         train_step, train_wall_seconds, core_metric, core_tasks, core_partial,
         -- hours x GPUs x $/GPU-hour; unknown (NULL) when no price is set (0 means "not given", e.g. on a CPU)
@@ -174,6 +176,9 @@ MIGRATIONS = [
     _VIEWS,   # v2: CORE task counts without the aggregate event, slash metric names, train wall time, cost NULL at $0
     _VIEWS,   # v3: run_summary takes CORE from the newest base_eval that computed it (ad-hoc `nanorun eval` runs)
     _V4_STUDIES,   # v4: studies, study_cells, scaling_optima, scaling_fits (issue 12)
+    # v5: runs.recipe_hash (the spec hash without the seed; the leaderboard groups seeds by it). Runs ingested
+    # before have none: forget their run.json times so the next sync re-reads them all and fills it in.
+    _VIEWS + ["UPDATE runs SET run_json_mtime = NULL"],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

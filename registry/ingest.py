@@ -33,7 +33,8 @@ RUNS = pa.schema([
     ("started_at", pa.float64()), ("finished_at", pa.float64()), ("git_commit", pa.string()), ("host", pa.string()),
     ("nodes", pa.int32()), ("gpus_per_node", pa.int32()), ("gpu", pa.string()), ("usd_per_gpu_hour", pa.float64()),
     ("device_type", pa.string()), ("tags", pa.list_(pa.string())), ("seed", pa.int64()), ("depth", pa.int32()),
-    ("run_dir", pa.string()), ("run_json_mtime", pa.float64()), ("ingested_at", pa.float64())])
+    ("run_dir", pa.string()), ("run_json_mtime", pa.float64()), ("ingested_at", pa.float64()),
+    ("recipe_hash", pa.string())])
 STAGES = pa.schema([
     ("run_id", pa.string()), ("idx", pa.int32()), ("stage", pa.string()), ("key", pa.string()),
     ("status", pa.string()), ("started_at", pa.float64()), ("finished_at", pa.float64()),
@@ -151,6 +152,17 @@ def read_result(directory, key, stage, out):
             results["value_text"].append(value if isinstance(value, str) else json.dumps(value, default=str))
 
 
+def _recipe_from_yaml(spec_yaml):
+    """The recipe hash of a run recorded before run.json carried one; None when its spec no longer loads."""
+    if not isinstance(spec_yaml, str):
+        return None
+    from specs.loader import load_text, recipe_hash   # pydantic: only for such older runs
+    try:
+        return recipe_hash(load_text(spec_yaml))
+    except Exception:   # a spec of an older schema, or not a spec at all: the run then groups alone
+        return None
+
+
 def read_run(run_dir, home, out, seen_keys):
     """Append one run's rows to `out` (column dicts per table). Stage keys already in `seen_keys` are not
     re-read (shared stage directories). Returns (run_id, [stage keys])."""
@@ -177,6 +189,7 @@ def read_run(run_dir, home, out, seen_keys):
         "device_type": _text(hardware.get("device_type")), "tags": [str(t) for t in run.get("tags") or []],
         "seed": _int(run.get("seed")), "depth": _plan_depth(plan), "run_dir": os.path.abspath(run_dir),
         "run_json_mtime": mtime, "ingested_at": time.time(),
+        "recipe_hash": _text(run.get("recipe_hash")) or _recipe_from_yaml(run.get("spec_yaml")),
     }
     for col, value in row.items():
         out["runs"][col].append(value)

@@ -4,7 +4,7 @@ Every function opens a short-lived read-only connection (retrying while a writer
 plain Python data (dicts/lists), so the CLI, the TUI and tests share them.
 
     from registry.queries import list_runs, get_run, leaderboard, query
-    leaderboard()                      # [{rank, qualified, name, hardware, n, hours, hours_std, ...}, ...]
+    leaderboard()                      # [{rank, qualified, name, recipe_hash, hardware, n, hours, hours_std, ...}, ...]
     query("select name, val_bpb from run_summary")   # (columns, rows)
 
 These functions read what is in the database; call registry.ingest.sync() first to pick up new run directories.
@@ -128,33 +128,46 @@ def get_run(ref, home=None, num_samples=5):
 # -----------------------------------------------------------------------------
 # Leaderboard
 
-LEADERBOARD_COLUMNS = ["rank", "qualified", "name", "hardware", "n", "hours", "hours_std", "val_bpb", "core_metric",
+LEADERBOARD_COLUMNS = ["rank", "qualified", "name", "recipe_hash", "hardware", "n", "hours", "hours_std", "val_bpb", "core_metric",
                        "core_std", "cost_usd", "total_flops", "finished_at", "git_commit", "run_ids", "reason"]
 
 
 def leaderboard(home=None, qualified_only=False, timeout=10.0):
-    """nanochat's time-to-GPT-2. Runs with a full CORE >= 0.256525 are grouped per (spec name, hardware) with
-    mean +- sample std over seeds, ranked by mean training hours (training steps only). Unless qualified_only,
-    every other run follows, one row each, with rank None and the reason it does not qualify. RegistryLocked
-    after `timeout` seconds of a writer holding the file."""
+    """nanochat's time-to-GPT-2. Runs with a full CORE >= 0.256525 are grouped per recipe (the spec minus its seed:
+    `recipe_hash`) and hardware with mean +- sample std over the seeds, ranked by mean training hours (training
+    steps only); two different recipes saved under one name are two rows. Unless qualified_only, every other run
+    follows, one row each, with rank None and the reason it does not qualify. RegistryLocked after `timeout`
+    seconds of a writer holding the file."""
     with reader(home, timeout) as con:
         rows = _dicts(con.execute(
-            """SELECT NULL AS rank, true AS qualified, name, hardware, count(*) AS n,
-                   avg(hours) AS hours, stddev_samp(hours) AS hours_std, avg(val_bpb) AS val_bpb,
+            """SELECT NULL AS rank, true AS qualified, min(name) AS name, min(recipe_hash) AS recipe_hash, hardware,
+                   count(*) AS n, avg(hours) AS hours, stddev_samp(hours) AS hours_std, avg(val_bpb) AS val_bpb,
                    avg(core_metric) AS core_metric, stddev_samp(core_metric) AS core_std,
                    avg(cost_usd) AS cost_usd, avg(total_flops) AS total_flops, max(finished_at) AS finished_at,
                    arg_max(git_commit, coalesce(finished_at, created_at)) AS git_commit,
                    list(run_id ORDER BY hours) AS run_ids, NULL AS reason
-               FROM leaderboard WHERE qualified GROUP BY name, hardware ORDER BY hours, name"""))
+               FROM leaderboard WHERE qualified
+               -- a run without a recipe hash (its spec no longer loads) is a group of its own
+               GROUP BY coalesce(recipe_hash, run_id), hardware ORDER BY hours, name"""))
         for rank, row in enumerate(rows, start=1):
             row["rank"] = rank
         if not qualified_only:
             rows += _dicts(con.execute(
-                """SELECT NULL AS rank, false AS qualified, name, hardware, 1 AS n, hours, NULL AS hours_std,
-                       val_bpb, core_metric, NULL AS core_std, cost_usd, total_flops, finished_at, git_commit,
-                       [run_id] AS run_ids, reason
+                """SELECT NULL AS rank, false AS qualified, name, recipe_hash, hardware, 1 AS n, hours,
+                       NULL AS hours_std, val_bpb, core_metric, NULL AS core_std, cost_usd, total_flops, finished_at,
+                       git_commit, [run_id] AS run_ids, reason
                    FROM leaderboard WHERE NOT qualified ORDER BY created_at DESC NULLS LAST, run_id"""))
     return [{c: row[c] for c in LEADERBOARD_COLUMNS} for row in rows]
+
+
+def recipe_labels(rows):
+    """Display names of leaderboard rows: the spec name, plus `@` and the first 8 characters of the recipe hash when
+    rows with that name hold more than one recipe (so two recipes saved under one name can be told apart)."""
+    recipes = {}
+    for row in rows:
+        recipes.setdefault(row["name"], set()).add(row["recipe_hash"])
+    return [row["name"] if len(recipes[row["name"]]) < 2 else f"{row['name']} @{(row['recipe_hash'] or '?')[:8]}"
+            for row in rows]
 
 
 # -----------------------------------------------------------------------------

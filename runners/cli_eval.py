@@ -275,18 +275,18 @@ def summary_lines(run_id, entry, result, cached):
     lines = [f"{'cached evaluation' if cached else 'evaluation'} of run {run_id} at step {m.get('step')}: "
              f"{entry['dir']}"]
     if "core_metric" in m:
-        lines.append(f"  CORE         {m['core_metric']:.4f} over {m.get('core_tasks')}/22 tasks"
+        lines.append(f"  {'CORE':<13} {m['core_metric']:.4f} over {m.get('core_tasks')}/22 tasks"
                      + (" (partial: not ranked against full CORE)" if m.get("core_partial") else ""))
         if m.get("core_missing"):
-            lines.append(f"  missing      {_fmt(m['core_missing'])}")
+            lines.append(f"  {'missing':<13} {_fmt(m['core_missing'])}")
     for task in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"):
         if task in m:
-            lines.append(f"  {task:<12} {m[task]:.4f} (n={(m.get('counts') or {}).get(task)})")
+            lines.append(f"  {task:<13} {m[task]:.4f} (n={(m.get('counts') or {}).get(task)})")
     if m.get("chatcore") is not None:
-        lines.append(f"  ChatCORE     {m['chatcore']:.4f} ({m.get('source')} model)")
+        lines.append(f"  {'ChatCORE':<13} {m['chatcore']:.4f} ({m.get('source')} model)")
     for name in ("train_bpb", "val_bpb", "num_samples", "eval_seconds"):
         if name in m:
-            lines.append(f"  {name:<12} {_fmt(m[name])}")
+            lines.append(f"  {name:<13} {_fmt(m[name])}")
     lines.append(f"next: nanorun show {run_id}")
     return lines
 

@@ -1,11 +1,13 @@
 """
 `nanorun import nanochat PATH` and `nanorun export RUN OUT`: bring nanochat checkpoints into the registry as runs,
-and take any run's checkpoint out as safetensors or a Hugging Face transformers directory.
+and take any run's checkpoint out as safetensors or a Hugging Face transformers directory. `nanorun export skypilot
+SPEC` writes a spec's SkyPilot task (runners.skypilot).
 
     nanorun import nanochat ~/.cache/nanochat --tag d20            # base, sft and rl checkpoints of d20
     nanorun import nanochat ./nanochat-d32 --source sft --name d32-hub    # a flat directory (as on the hub)
     nanorun export nanochat-d20 --stage sft --format hf out/d20-sft
     nanorun export cpu_demo --format safetensors out/cpu_demo
+    nanorun export skypilot specs/d20.yaml -o d20.sky.yaml
 
 An imported run has no spec and no training: its stages (tok_train, base_train, sft, rl) are content-addressed
 directories holding the converted tokenizer and checkpoints (nanochat.interop), and its run.json is written here,
@@ -158,7 +160,49 @@ def export_target(run_ref, stage=None, step=None, home=None):
     return run_id, stage_name, ckpt_dir, step, tokenizer_dir
 
 
-@main.command("export")
+class _Export(click.Group):
+    """`nanorun export skypilot SPEC` and `nanorun export checkpoint RUN OUT ...` are subcommands; any other
+    `nanorun export ...` is a checkpoint's export (`export RUN OUT --format ...`), its command line as it always was."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["checkpoint", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("export", cls=_Export)
+def export_group():
+    """Export a run's checkpoint (nanorun export [checkpoint] RUN OUT --format safetensors|hf [--stage S] [--step N];
+    a run named skypilot or checkpoint needs the word), or a spec as the SkyPilot task that launches it (nanorun
+    export skypilot SPEC [-o FILE]).
+
+    Example: nanorun export cpu_demo --stage sft --format hf out/cpu_demo-hf
+    """
+
+
+@export_group.command("skypilot")
+@click.argument("spec_path", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write here (default: stdout).")
+def export_skypilot(spec_path, output):
+    """Write the SkyPilot task YAML that `apply` launches for SPEC with hardware.launcher: skypilot (resources,
+    nodes, bucket as $NANORUN_HOME, setup, run from hardware.skypilot); `sky jobs launch FILE` (or `sky launch`)
+    runs it from the nanorun checkout without nanorun following it.
+
+    Example: nanorun export skypilot specs/d20.yaml -o d20.sky.yaml && sky jobs launch d20.sky.yaml
+    """
+    from runners.cli_run import _make_plan
+    from runners.skypilot import task_config, task_yaml
+    plan = _make_plan(spec_path)
+    config = task_config(plan, spec_path)
+    if output is None:
+        click.echo(task_yaml(config), nl=False)
+        return
+    rundir.atomic_write_bytes(os.path.abspath(output), task_yaml(config).encode())
+    how = "sky jobs launch" if plan.spec.hardware.skypilot.is_managed else f"sky launch -c {config['name']}"
+    click.echo(f"wrote {output} (run {plan.run_id}, workdir {config['workdir']}): launch it with `{how} {output}`")
+
+
+@export_group.command("checkpoint")
 @click.argument("run")
 @click.argument("out", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(["safetensors", "hf"]), required=True,

@@ -212,6 +212,8 @@ def runs(as_json, limit):
     Example: nanorun runs -n 10
     """
     from registry import list_runs
+    from runners.slurm import refresh_runs
+    refresh_runs()   # runs on Slurm: their jobs' live state, and the final one written back to the run directory
     _sync()
     rows = list_runs(limit=limit)
     from nanochat.rundir import run_dir
@@ -246,6 +248,8 @@ def show(run, as_json, num_samples):
     Example: nanorun show cpu_demo
     """
     from registry import get_run
+    from runners.slurm import refresh_runs
+    refresh_runs()   # runs on Slurm: their jobs' live state, and the final one written back to the run directory
     _sync()
     detail = get_run(run, num_samples=num_samples)
     from nanochat.rundir import run_dir
@@ -263,11 +267,13 @@ def show(run, as_json, num_samples):
               help="Also list runs that do not qualify (marked x, with the reason).")
 def leaderboard(as_json, show_all):
     """Time to GPT-2: runs whose full CORE beats GPT-2 (0.256525), ranked by training hours (mean +- std over
-    seeds of the same spec and hardware), with val_bpb and $ cost. Non-qualifying runs follow, marked x.
+    seeds of the same recipe and hardware), with val_bpb and $ cost. Non-qualifying runs follow, marked x. A name
+    that holds more than one recipe is shown with @ and its recipe hash.
 
     Example: nanorun leaderboard --qualified --json
     """
     from registry import leaderboard as board
+    from registry.queries import recipe_labels
     _sync()
     rows = board(qualified_only=not show_all)
     if as_json:
@@ -277,11 +283,12 @@ def leaderboard(as_json, show_all):
         return num(mean, fmt) + (f" +- {std:{fmt}}" if std is not None else "")
 
     columns = ["#", "spec", "hardware", "n", "time (h)", "val_bpb", "CORE", "cost $", "date", "commit", "note"]
-    table = [[r["rank"] if r["qualified"] else "x", r["name"], r["hardware"], r["n"],
+    table = [[r["rank"] if r["qualified"] else "x", label, r["hardware"], r["n"],
               pm(r["hours"], r["hours_std"], ".2f"),
               num(r["val_bpb"]), pm(r["core_metric"], r["core_std"], ".4f"), num(r["cost_usd"], ".2f"),
               when(r["finished_at"])[:10], (r["git_commit"] or "-")[:7],
-              r["reason"] or ", ".join(r["run_ids"][:3]) + (" ..." if len(r["run_ids"]) > 3 else "")] for r in rows]
+              r["reason"] or ", ".join(r["run_ids"][:3]) + (" ..." if len(r["run_ids"]) > 3 else "")]
+             for r, label in zip(rows, recipe_labels(rows))]
     click.echo(format_table(columns, table) if rows else "no runs yet (nanorun apply SPEC)")
 
 

@@ -42,8 +42,9 @@ def _fmt_num(x):
     return str(x)
 
 
-def plan_report(plan, home=None):
-    """Plan as JSON-able dict plus the state of each stage on disk (done / partial / pending)."""
+def plan_report(plan, home=None, spec_path=None, launcher=None):
+    """Plan as JSON-able dict plus the state of each stage on disk (done / partial / pending). `launcher`: "local"
+    instead of hardware.launcher (apply --launcher local)."""
     from nanochat.rundir import stage_state
     from runners.plan import stage_available
     from runners.slurm import launcher_report
@@ -51,7 +52,12 @@ def plan_report(plan, home=None):
     for s, js in zip(plan.stages, out["stages"]):
         js["state"] = stage_state(s.stage_dir(home)) if stage_available(s) else "n/a"
         js["dir"] = s.stage_dir(home)
-    out["launcher"] = launcher_report(plan, home)
+    launcher = launcher or plan.spec.hardware.launcher
+    if launcher == "skypilot":
+        from runners import skypilot
+        out["launcher"] = skypilot.launcher_report(plan, spec_path)
+    else:
+        out["launcher"] = launcher_report(plan, home) if launcher != "local" else {"kind": "local", "jobs": []}
     return out
 
 
@@ -61,7 +67,8 @@ def render_launcher(launcher):
     if kind == "local":
         return []
     if kind == "skypilot":
-        return ["", "launcher skypilot: not implemented yet in this nanorun (apply refuses; use local or slurm)"]
+        from runners.skypilot import render_lines
+        return render_lines(launcher)
     if not launcher["jobs"]:
         return ["", f"launcher {kind}: nothing to submit (all stages done)"]
     lines = ["", f"launcher {kind}: {len(launcher['jobs'])} batch job ({launcher['submit']}; the full script is in "
@@ -198,7 +205,8 @@ def plan(spec_path, as_json, detailed_exitcode, yes):
         return plan_study_command(study, as_json, detailed_exitcode)
     from runners.execute import check_device, check_local_data
     plan_ = _make_plan(spec_path)
-    for check in (check_device, check_local_data):
+    remote = plan_.spec.hardware.launcher != "local"   # slurm or skypilot nodes have the spec's devices, not this one
+    for check in (check_local_data,) if remote else (check_device, check_local_data):
         try:
             check(plan_, spec_path)
         except SpecError as e:  # the spec may be meant for another machine: plan still shows it
@@ -207,7 +215,7 @@ def plan(spec_path, as_json, detailed_exitcode, yes):
     warning = plan_.hardware["dtype"].get("warning")
     if warning:
         click.echo(f"warning: train.dtype: {warning}", err=True)
-    report = plan_report(plan_)
+    report = plan_report(plan_, spec_path=spec_path)
     click.echo(json.dumps(report, indent=2) if as_json else render_plan(report))
     if detailed_exitcode and any(s["state"] != "done" for s in report["stages"]):
         sys.exit(2)
@@ -229,37 +237,46 @@ def _ingest(record):
 @click.option("--node-rank", default=0, show_default=True, help="This node's rank (multi-node specs).")
 @click.option("--rdzv-endpoint", default=None, help="HOST:PORT of node 0 for multi-node torchrun rendezvous.")
 @click.option("--quiet", "-q", is_flag=True, help="Do not echo the stages' output (it is still in each stdout.log).")
-@click.option("--detach", is_flag=True, help="launcher: slurm: return once the job is submitted (apply again to follow).")
-def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet, detach):
+@click.option("--detach", is_flag=True,
+              help="launcher: slurm or skypilot: return once the job is submitted (apply again to follow).")
+@click.option("--launcher", "launcher_override", type=click.Choice(["local"]), default=None,
+              help="local: run the stages on this machine whatever hardware.launcher says (what a SkyPilot task "
+                   "runs on its nodes); the run id stays the same.")
+@click.option("--no-registry", is_flag=True,
+              help="Leave the DuckDB registry alone (a launcher's nodes on shared storage: `nanorun registry sync` "
+                   "ingests the run directory later).")
+def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet, detach, launcher_override, no_registry):
     """Show the plan, then run every stage that is not done yet, resuming interrupted ones, and record the run.
     A study (a spec with a `sweep:` block) runs every cell that is not done, side by side where the GPUs allow.
     With `hardware.launcher: slurm` the stages go to Slurm as one batch job, which apply follows (or, with --detach,
-    leaves running; a later apply picks it up).
+    leaves running; a later apply picks it up); with `skypilot` the run goes to rented nodes as one SkyPilot task
+    (a managed job with use_spot), followed the same way.
 
     Example: nanorun apply specs/cpu_demo.yaml --yes
     """
     from runners.cli_study import apply_study_command, load_study
     study = load_study(spec_path, yes)
     if study is not None:
-        return apply_study_command(study, yes, node_rank, rdzv_endpoint)
+        return apply_study_command(study, yes, node_rank, rdzv_endpoint, detach)
     from runners.execute import apply_plan, check_device, check_local_data, check_node_rank, run_dir
     from specs.errors import LaunchError
     plan_ = _make_plan(spec_path)
-    launcher = plan_.spec.hardware.launcher
-    if launcher == "skypilot":
-        raise LaunchError(f"{spec_path}: hardware.launcher: skypilot is not implemented yet in this nanorun; "
-                          f"use launcher: local or slurm")
-    if detach and launcher != "slurm":
+    launcher = launcher_override or plan_.spec.hardware.launcher
+    if detach and launcher not in ("slurm", "skypilot"):
         from specs.errors import InputError
-        raise InputError(f"--detach: only for hardware.launcher: slurm (spec {plan_.spec.name} runs {launcher})")
+        raise InputError(f"--detach: only for hardware.launcher: slurm or skypilot (spec {plan_.spec.name} runs "
+                         f"{launcher})")
     if launcher == "slurm":
         from runners.slurm import apply_slurm, check_cluster
         check_cluster(plan_, spec_path)  # no sbatch, an unknown partition: one line, exit 2, nothing submitted
+    elif launcher == "skypilot":
+        from runners.skypilot import apply_skypilot, load_sky
+        load_sky()   # SkyPilot not installed: one line, exit 2, nothing launched
     else:
         check_node_rank(plan_, node_rank)   # a rank the spec has no node for: one line, exit 2
         check_device(plan_, spec_path)      # a CUDA spec on a machine without a GPU fails here, before anything runs
     check_local_data(plan_, spec_path)  # a missing data folder fails here, before anything runs
-    report = plan_report(plan_)
+    report = plan_report(plan_, spec_path=spec_path, launcher=launcher)
     click.echo(render_plan(report))
     missing = [s["stage"] for s in report["stages"] if s["state"] == "n/a"]
     if missing:
@@ -273,14 +290,19 @@ def apply(spec_path, yes, node_rank, rdzv_endpoint, quiet, detach):
         click.confirm("\napply this plan?", abort=True)
     click.echo("")
     echo = (lambda line: None) if quiet else click.echo
+    ingest = None if no_registry else _ingest
     try:
         if launcher == "slurm":
-            record = apply_slurm(plan_, spec_path=spec_path, echo=echo, detach=detach, on_update=_ingest)
+            record = apply_slurm(plan_, spec_path=spec_path, echo=echo, detach=detach, on_update=ingest)
+            if detach:
+                return
+        elif launcher == "skypilot":
+            record = apply_skypilot(plan_, spec_path=spec_path, echo=echo, detach=detach, on_update=ingest)
             if detach:
                 return
         else:
             record = apply_plan(plan_, spec_path=spec_path, echo=echo, node_rank=node_rank,
-                                rdzv_endpoint=rdzv_endpoint, on_update=_ingest)
+                                rdzv_endpoint=rdzv_endpoint, on_update=ingest)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; nothing is lost: `nanorun apply {spec_path}` continues where it stopped", err=True)
         sys.exit(130)
@@ -304,9 +326,14 @@ def _summary(record, rdir):
 @click.argument("run")
 def cancel(run):
     """Cancel what is queued or running for a run: its Slurm jobs (scancel), or the local apply running it (it
-    records the run as interrupted; apply again to resume). RUN is a run id, a unique prefix or a spec name.
+    records the run as interrupted; apply again to resume). RUN is a run id, a unique prefix or a spec name; or a
+    study's name: its Slurm job arrays, or the local apply running its cells.
 
     Example: nanorun cancel tiny_apply
     """
+    from runners.study import read_record
+    if read_record(run) is not None:
+        from runners.study_apply import cancel_study
+        return cancel_study(run, echo=click.echo)
     from runners.execute import cancel_run
     cancel_run(run, echo=click.echo)

@@ -26,10 +26,12 @@ def load_study(spec_path, yes=False):
 
 def plan_study_command(study, as_json, detailed_exitcode):
     """`nanorun plan STUDY`: every cell, its derived numbers and estimates, and the totals."""
+    from runners.slurm_study import refresh_study
     from runners.study import plan_study, preflight, render_study, study_report
     splan = plan_study(study)
+    refresh_study(study.name)   # cells on Slurm: their jobs' state, written back
     try:
-        preflight(splan)
+        preflight(splan, devices=study.spec.hardware.launcher != "slurm")
     except SpecError as e:   # the study may be meant for another machine: plan still shows it
         for p in e.problems:
             click.echo(f"warning: {p} (apply will refuse to start)", err=True)
@@ -52,17 +54,29 @@ def validate_study(spec_path):
         plan_study(study)
 
 
-def apply_study_command(study, yes, node_rank=0, rdzv_endpoint=None):
-    """`nanorun apply STUDY`: everything is checked for every cell before anything starts; then the scheduler."""
+def apply_study_command(study, yes, node_rank=0, rdzv_endpoint=None, detach=False):
+    """`nanorun apply STUDY`: everything is checked for every cell before anything starts; then the scheduler (local),
+    or a Slurm job array (`hardware.launcher: slurm`; --detach returns once it is submitted)."""
     from runners.execute import _position
     from runners.study import plan_study, preflight, render_study, study_report
     from runners.study_apply import apply_study, device_groups
-    if study.spec.hardware.nodes > 1 or node_rank or rdzv_endpoint:
+    from specs.errors import InputError, LaunchError
+    launcher = study.spec.hardware.launcher
+    if node_rank or rdzv_endpoint or (study.spec.hardware.nodes > 1 and launcher != "slurm"):
         raise SpecError(f"{_position(study.path, ['hardware', 'nodes'])}: hardware.nodes: a study runs its cells on "
-                        f"one node; apply each cell's spec on its nodes instead")
+                        f"one node; apply each cell's spec on its nodes instead (or use launcher: slurm)")
+    if launcher == "skypilot":
+        raise LaunchError(f"{study.path}: hardware.launcher: skypilot does not run studies yet; use local or slurm")
+    if detach and launcher != "slurm":
+        raise InputError(f"--detach: only for hardware.launcher: slurm (study {study.name} runs {launcher})")
     splan = plan_study(study)
-    preflight(splan)
-    device_groups(study.spec)
+    if launcher == "slurm":
+        from runners.slurm import check_cluster
+        check_cluster(splan.plans[0], study.path)   # no sbatch, an unknown partition: one line, exit 2
+        preflight(splan, devices=False)             # the cells run on the cluster's nodes, not here
+    else:
+        preflight(splan)
+        device_groups(study.spec)
     report = study_report(splan)
     click.echo(render_study(report))
     if all(c["state"] == "done" for c in report["cells"]):
@@ -73,7 +87,14 @@ def apply_study_command(study, yes, node_rank=0, rdzv_endpoint=None):
         click.confirm(f"\napply these {report['totals']['cells']} cells?", abort=True)
     click.echo("")
     try:
-        record = apply_study(splan, echo=click.echo)
+        if launcher == "slurm":
+            from runners.cli_run import _ingest
+            from runners.slurm_study import apply_study_slurm
+            record = apply_study_slurm(splan, echo=click.echo, detach=detach, on_update=_ingest)
+            if detach:
+                return
+        else:
+            record = apply_study(splan, echo=click.echo)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted; nothing is lost: `nanorun apply {study.path}` continues where it stopped", err=True)
         sys.exit(130)
@@ -95,7 +116,9 @@ def status(name, as_json):
 
     Example: nanorun study status scaling_laws
     """
+    from runners.slurm_study import refresh_study
     from runners.study import render_status, study_status
+    refresh_study(name)   # cells on Slurm: their jobs' state, written back
     report = study_status(name)
     click.echo(json.dumps(report, indent=2) if as_json else render_status(report))
 
@@ -138,7 +161,9 @@ def show(name, convention, as_json, no_plots):
     """
     from registry.studies import fit_report
     from runners.plots import write_study_plots
+    from runners.slurm_study import refresh_study
     from runners.study_fit import record_fit, render_fit
+    refresh_study(name)   # cells on Slurm: finished ones recorded before the fit reads them
     report = fit_report(name, convention)
     problem = record_fit(name, convention)
     if problem:

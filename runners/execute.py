@@ -26,7 +26,7 @@ from collections import deque
 
 from nanochat import rundir
 from nanochat.rundir import atomic_write_json, stage_state
-from specs import dump_yaml
+from specs import dump_yaml, recipe_hash
 from specs.errors import InputError, LaunchError, SpecError
 
 
@@ -55,7 +55,8 @@ def _new_run_record(plan, home, spec_path):
     spec, hw = plan.spec, plan.spec.hardware
     return {
         "run_id": plan.run_id, "name": spec.name, "spec_path": os.path.abspath(spec_path) if spec_path else None,
-        "spec_yaml": dump_yaml(spec), "spec_hash": plan.spec_hash, "plan": plan.to_json(),
+        "spec_yaml": dump_yaml(spec), "spec_hash": plan.spec_hash,
+        "recipe_hash": recipe_hash(spec), "plan": plan.to_json(),
         "status": "pending", "created_at": time.time(), "started_at": None, "finished_at": None,
         "git_commit": _git_commit(), "host": socket.gethostname(),
         "hardware": {"nodes": hw.nodes, "gpus_per_node": hw.gpus_per_node, "gpu": hw.gpu,
@@ -485,15 +486,19 @@ def _apply_locked(plan, home, spec_path, echo, node_rank, rdzv_endpoint, on_upda
 
 
 def cancel_run(ref, home=None, echo=print, timeout=60.0):
-    """Stop what runs for the run `ref` names: scancel its Slurm jobs that may still run; else SIGTERM the local apply
-    running it on this host and wait for it to record the run as interrupted. Returns what was stopped (job ids, or
-    the apply's pid); [] with a message when nothing was queued or running. LaunchError for an apply on another host."""
+    """Stop what runs for the run `ref` names: scancel its Slurm jobs that may still run, cancel its SkyPilot jobs; else
+    SIGTERM the local apply running it on this host and wait for it to record the run as interrupted. Returns what was
+    stopped (job ids, or the apply's pid); [] with a message when nothing was queued or running. LaunchError for an
+    apply on another host; MissingToolError for a SkyPilot job without SkyPilot installed."""
     home = home or rundir.home()
     run_id, record = rundir.find_run(ref, home)
     rdir = rundir.run_dir(run_id, home)
-    if rundir.read_jobs(rdir):
-        from runners import slurm
-        cancelled = slurm.cancel_jobs(rdir, echo)
+    jobs = rundir.read_jobs(rdir)
+    if jobs:
+        from runners import skypilot, slurm
+        cancelled = slurm.cancel_jobs(rdir, echo) if any(j.get("launcher", "slurm") == "slurm" for j in jobs) else []
+        if any(j.get("launcher") == "skypilot" for j in jobs):
+            cancelled += skypilot.cancel_jobs(rdir, echo)
         if cancelled:
             echo(f"run {run_id}: cancelled; `nanorun apply` records the final state and resumes from there")
             return cancelled

@@ -78,8 +78,9 @@ def check_cluster(plan, spec_path=None):
 
 
 def job_state(job_id):
-    """(state, reason) of a job: squeue while it is known to the controller, scontrol show job for a while after
-    it ended, then sacct (clusters with accounting); ("UNKNOWN", "") when none of them knows it any more."""
+    """(state, reason) of a job (or array task, ARRAY_TASK): squeue while it is known to the controller, scontrol
+    show job for a while after it ended, then sacct (clusters with accounting); ("UNKNOWN", "") when none of them
+    knows it any more."""
     code, out, _ = _run(["squeue", "-h", "-j", job_id, "-o", "%T|%r"])
     if code == 0 and out.strip():
         state, _, reason = out.strip().splitlines()[0].partition("|")
@@ -93,6 +94,10 @@ def job_state(job_id):
         code, out, _ = _run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"])
         if code == 0 and out.strip():
             return out.split()[0], ""
+    if "_" in job_id:   # an array task cancelled while pending has no record of its own, only a gap in its array
+        code, out, _ = _run(["scontrol", "show", "job", "-o", job_id.split("_")[0]])
+        if code == 0 and "JobState=" in out:
+            return "CANCELLED", "cancelled while pending"
     return "UNKNOWN", ""
 
 
@@ -100,6 +105,8 @@ def cancel_jobs(run_directory, echo=print):
     """scancel every recorded job of the run that may still run; returns the ids cancelled."""
     cancelled = []
     for job in rundir.read_jobs(run_directory):
+        if job.get("launcher", "slurm") != "slurm":   # runners.skypilot cancels its own
+            continue
         if job.get("state") in ACTIVE or job.get("state") is None:
             state, _ = job_state(job["job_id"])
             if state in ACTIVE:
@@ -138,25 +145,27 @@ def job_output(run_directory):
     return os.path.join(rundir.launcher_dir(run_directory), "job-%j.out")
 
 
-def render_job(plan, stages, home=None, cwd=None):
-    """The sbatch script that runs `stages` (StagePlans of `plan`, in order) in their stage directories."""
-    home = home or rundir.home()
+def sbatch_head(plan, nodes, job_name, output, cwd=None):
+    """The #SBATCH arguments of a job of `plan`'s hardware on `nodes` nodes: one task per node, its GPUs (on CPU its
+    cores), hardware.slurm's settings, requeue on preemption with a USR1 warning, output appended to `output`."""
     hw, slurm = plan.spec.hardware, plan.spec.hardware.slurm
-    nodes = max(s.nnodes for s in stages)
-    head = [f"--job-name=nanorun-{plan.run_id}", f"--nodes={nodes}", "--ntasks-per-node=1",
+    head = [f"--job-name={job_name}", f"--nodes={nodes}", "--ntasks-per-node=1",
             f"--cpus-per-task={hw.gpus_per_node}" if _is_cpu(hw) else f"--gpus-per-node={hw.gpus_per_node}"]
     head += [f"--{flag}={value}" for flag, value in (("partition", slurm.partition), ("account", slurm.account),
                                                       ("qos", slurm.qos), ("time", slurm.time)) if value]
-    head += ["--requeue", f"--signal=B:USR1@{REQUEUE_WARNING_SECONDS}", "--open-mode=append",
-             f"--output={job_output(rundir.run_dir(plan.run_id, home))}", f"--chdir={cwd or os.getcwd()}",
-             *slurm.extra_args]
-    lines = ["#!/bin/bash", f"# nanorun run {plan.run_id}: stages {', '.join(s.name for s in stages)}"]
-    lines += [f"#SBATCH {arg}" for arg in head]
-    lines += [
+    return head + ["--requeue", f"--signal=B:USR1@{REQUEUE_WARNING_SECONDS}", "--open-mode=append",
+                   f"--output={output}", f"--chdir={cwd or os.getcwd()}", *slurm.extra_args]
+
+
+def script_prelude(home):
+    """The job script's lines after #SBATCH: environment, the requeue trap, the rendezvous endpoint and `stage`,
+    the shell function every stage line calls."""
+    return [
         "set -u",
         f"export NANORUN_HOME={shlex.quote(home)} PYTHONUNBUFFERED=1",
         "now() { date +%s.%N; }",
-        'echo "@nanorun job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} start $(now) on $(hostname)"',
+        'echo "@nanorun job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0} start $(now) on $(hostname)'
+        '${CUDA_VISIBLE_DEVICES:+ gpus $CUDA_VISIBLE_DEVICES}"',
         "# preemption warning or time limit near (USR1, from --signal): requeue; every stage resumes where it was",
         "requeued=0",
         'requeue() { requeued=1; echo "@nanorun job $SLURM_JOB_ID requeue $(now)"; scontrol requeue "$SLURM_JOB_ID"; }',
@@ -181,6 +190,16 @@ def render_job(plan, stages, home=None, cwd=None):
         '    if [ ! -e "$dir/result.json" ]; then echo "stage $name exited 0 without writing result.json" >&2; exit 1; fi',
         "}",
     ]
+
+
+def render_job(plan, stages, home=None, cwd=None):
+    """The sbatch script that runs `stages` (StagePlans of `plan`, in order) in their stage directories."""
+    home = home or rundir.home()
+    head = sbatch_head(plan, max(s.nnodes for s in stages), f"nanorun-{plan.run_id}",
+                       job_output(rundir.run_dir(plan.run_id, home)), cwd)
+    lines = ["#!/bin/bash", f"# nanorun run {plan.run_id}: stages {', '.join(s.name for s in stages)}"]
+    lines += [f"#SBATCH {arg}" for arg in head]
+    lines += script_prelude(home)
     lines += [stage_line(plan, s, home) for s in stages]
     lines.append('echo "@nanorun job $SLURM_JOB_ID end $(now)"')
     return "\n".join(lines) + "\n"
@@ -194,8 +213,6 @@ def pending_stages(plan, home=None):
 def launcher_report(plan, home=None):
     """What `plan` shows and `plan --json` carries under "launcher": the kind and, for slurm, the job script."""
     kind = plan.spec.hardware.launcher
-    if kind == "skypilot":
-        return {"kind": kind, "implemented": False, "jobs": []}
     if kind == "local":
         return {"kind": kind, "jobs": []}
     todo = pending_stages(plan, home)
@@ -226,22 +243,32 @@ def _markers(job):
     return found
 
 
-def submit(plan, stages, home, echo=print):
-    """Write the stages' config.json files and the job script, sbatch it; returns the job record."""
+def write_configs(plan, stages, home):
+    """Each stage's config.json (its parameters, its inputs' paths, out_dir), as the local launcher writes it."""
     from runners.execute import stage_inputs
-    rdir = rundir.run_dir(plan.run_id, home)
     for stage in stages:
         sdir = stage.stage_dir(home)
         os.makedirs(sdir, exist_ok=True)
         atomic_write_json(os.path.join(sdir, "config.json"),
                           {**stage.params, **stage_inputs(plan, stage, home), "out_dir": sdir})
-    script = os.path.join(rundir.launcher_dir(rdir), f"job-{int(time.time() * 1000)}.sh")
-    rundir.atomic_write_bytes(script, render_job(plan, stages, home).encode())
+
+
+def sbatch(script, text):
+    """Write the job script `text` to `script` and submit it; the job id (an array's: its array job id)."""
+    rundir.atomic_write_bytes(script, text.encode())
     code, out, err = _run(["sbatch", "--parsable", script])
     if code != 0:
         raise LaunchError(f"sbatch refused the job: {(err.strip().splitlines() or [f'exit {code}'])[-1]} "
                           f"[script: {script}]")
-    job_id = out.strip().split(";")[0]
+    return out.strip().split(";")[0]
+
+
+def submit(plan, stages, home, echo=print):
+    """Write the stages' config.json files and the job script, sbatch it; returns the job record."""
+    rdir = rundir.run_dir(plan.run_id, home)
+    write_configs(plan, stages, home)
+    script = os.path.join(rundir.launcher_dir(rdir), f"job-{int(time.time() * 1000)}.sh")
+    job_id = sbatch(script, render_job(plan, stages, home))
     echo(f"[slurm] submitted job {job_id}: {', '.join(s.name for s in stages)} [script: {script}]")
     return {"launcher": "slurm", "job_id": job_id, "stages": [s.name for s in stages], "script": script,
             "output": job_output(rdir).replace("%j", job_id), "submitted_at": time.time(), "state": "PENDING",
@@ -269,7 +296,7 @@ def jobs_summary(run_directory, live=False):
         return None
     job, requeues = jobs[-1], sum(j.get("restarts") or 0 for j in jobs)
     state = job.get("state") or "?"
-    if live and state in ACTIVE and shutil.which("squeue"):
+    if live and state in ACTIVE and job.get("launcher", "slurm") == "slurm" and shutil.which("squeue"):
         try:
             state = job_state(job["job_id"])[0]
         except LaunchError:
@@ -278,15 +305,24 @@ def jobs_summary(run_directory, live=False):
     return f"{job.get('launcher', 'slurm')} job {job['job_id']} {state}{more}, requeued {requeues}x"
 
 
-def _update_stages(plan, record, job, home):
-    """Stage entries of the record from the stage directories and the job's markers; True when any changed."""
+def _stage_dir(srec, home):
+    return rundir.locate_stage_dir(srec.get("dir"), home)
+
+
+def _update_stages(record, job, home):
+    """Stage entries of the run record that `job` runs, from the stage directories and the job's markers; True when
+    any changed. Works from the record alone (no plan), so any reader can bring a run up to date."""
     marks, changed = _markers(job), False
     job["restarts"] = max(job.get("restarts") or 0, marks["restarts"])
     active = job["state"] in ACTIVE
-    for stage, srec in zip(plan.stages, record["stages"]):
-        if stage.name not in job["stages"]:
+    for srec in record["stages"]:
+        if srec.get("adhoc"):
             continue
-        mark, sdir = marks["stages"].get(stage.name, {}), stage.stage_dir(home)
+        if srec["stage"] not in job["stages"]:   # done before the job, or by another one (a study's shared stages)
+            if srec["status"] not in ("success", "cached") and stage_state(_stage_dir(srec, home)) == "done":
+                srec["status"], changed = "cached", True
+            continue
+        mark, sdir = marks["stages"].get(srec["stage"], {}), _stage_dir(srec, home)
         fields = {"started_at": mark.get("start"), "finished_at": None, "wall_seconds": None, "exit_code": None,
                   "error": None}
         if stage_state(sdir) == "done":
@@ -308,6 +344,117 @@ def _update_stages(plan, record, job, home):
             srec.update(fields)
             changed = True
     return changed
+
+
+def finish_record(record, jobs, home):
+    """Close the run record once its last job ended: success when every planned stage is done, interrupted when the
+    job was cancelled or preempted, failed otherwise (with the failed stage's error)."""
+    job, planned = jobs[-1], [s for s in record["stages"] if not s.get("adhoc")]
+    if all(stage_state(_stage_dir(s, home)) == "done" for s in planned):
+        record["status"], record["error"] = "success", None
+    else:
+        record["status"] = "interrupted" if job["state"] in ("CANCELLED", "PREEMPTED") else "failed"
+        failed = next((s for s in planned if s["status"] == "failed"), None)
+        record["error"] = f"stage {failed['stage']}: {failed['error']}" if failed else \
+            f"slurm job {job['job_id']} {job['state']}" + (f" ({job['reason']})" if job.get("reason") else "")
+    record["finished_at"], record["apply_pid"] = time.time(), None
+    record["requeues"] = sum(j.get("restarts") or 0 for j in jobs)
+    return record
+
+
+def job_states(job_ids):
+    """{job id: (state, reason)} for several jobs (plain ids or array tasks `ARRAY_TASK`) with one squeue call; the
+    jobs squeue no longer lists are asked one by one (job_state: scontrol, then sacct)."""
+    ids, found = list(dict.fromkeys(job_ids)), {}
+    if not ids:
+        return found
+    code, out, _ = _run(["squeue", "-h", "-r", "-j", ",".join(ids), "-o", "%i|%T|%r"])
+    if code == 0:
+        for line in out.splitlines():
+            job_id, state, reason = (line.strip().split("|") + ["", ""])[:3]
+            if job_id in ids:
+                found[job_id] = (state, "" if reason in ("None", "(null)") else reason)
+    for job_id in ids:
+        if job_id not in found:
+            found[job_id] = job_state(job_id)
+    return found
+
+
+def _live(jobs):
+    return [j for j in jobs if j.get("launcher", "slurm") == "slurm"   # runners.skypilot follows its own
+            and (j.get("state") in ACTIVE or j.get("state") is None)]
+
+
+def refresh_run(run_directory, home=None, states=None, on_update=None):
+    """Bring a Slurm run's record up to date with Slurm and write it back: the live state of its jobs recorded as
+    possibly running, their stages, and once the last job ended the final state of the job, the stages and the run
+    (jobs.json, run.json, atomically), so later readers need no Slurm. `states`: {job id: (state, reason)} already
+    asked (job_states), else Slurm is asked here. Nothing is written while an apply holds the run's lock (it keeps
+    the record itself). Returns (run record, jobs) as they are now; (None, []) for a run without jobs."""
+    from runners.execute import Lock
+    home = home or rundir.home()
+    jobs = rundir.read_jobs(run_directory)
+    if not _live(jobs):
+        return (rundir.read_run(run_directory) if jobs else None), jobs
+    if states is None:
+        states = job_states([j["job_id"] for j in _live(jobs)])
+    lock = Lock(run_directory, "run")
+    try:
+        lock.__enter__()
+    except LaunchError:   # an apply follows the run and writes its record: report what Slurm says
+        for job in _live(jobs):
+            if job["job_id"] in states:
+                job["state"], job["reason"] = states[job["job_id"]]
+        return rundir.read_run(run_directory), jobs
+    try:
+        jobs, record, changed = rundir.read_jobs(run_directory), rundir.read_run(run_directory), False
+        for job in _live(jobs):
+            if job["job_id"] not in states:   # not asked this time
+                continue
+            state, reason = states[job["job_id"]]   # UNKNOWN: ended so long ago that Slurm forgot it
+            restarts = job.get("restarts") or 0
+            if (state, reason) != (job.get("state"), job.get("reason")):
+                job.update(state=state, reason=reason, updated_at=time.time())
+                changed = True
+            changed = _update_stages(record, job, home) or changed or job["restarts"] != restarts
+        if not changed:
+            return record, jobs
+        if jobs[-1]["state"] not in ACTIVE and record.get("status") in ("running", "pending"):
+            finish_record(record, jobs, home)
+        record["requeues"] = sum(j.get("restarts") or 0 for j in jobs)
+        rundir.write_jobs(run_directory, jobs)
+        atomic_write_json(os.path.join(run_directory, "run.json"), record)
+        if on_update:
+            on_update(record)
+        return record, jobs
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def refresh_runs(home=None):
+    """refresh_run for every run of the home with a Slurm job recorded as possibly running (one squeue call for all;
+    `nanorun runs` / `show` call this before reading). Quietly does nothing without Slurm tools or when the
+    controller does not answer: the recorded state is shown."""
+    home = home or rundir.home()
+    todo = {}
+    for run_id in rundir.run_ids(home):
+        directory = rundir.run_dir(run_id, home)
+        if not os.path.exists(rundir.jobs_path(directory)):
+            continue
+        try:
+            jobs = rundir.read_jobs(directory)
+        except rundir.RunDirError:
+            continue
+        if _live(jobs):
+            todo[directory] = [j["job_id"] for j in _live(jobs)]
+    if not todo or shutil.which("squeue") is None:
+        return
+    try:
+        states = job_states([i for ids in todo.values() for i in ids])
+        for directory in todo:
+            refresh_run(directory, home, states)
+    except (LaunchError, rundir.RunDirError):
+        pass
 
 
 class _Tails:
@@ -357,7 +504,7 @@ def apply_slurm(plan, *, home=None, spec_path=None, echo=print, detach=False, on
         if job is not None:
             job["state"], job["reason"] = job_state(job["job_id"])
             if job["state"] not in ACTIVE:   # a job that ended while nobody watched: record how
-                _update_stages(plan, record, job, home)
+                _update_stages(record, job, home)
                 job = None
         for stage, srec in zip(plan.stages, record["stages"]):
             if stage_state(stage.stage_dir(home)) == "done" and srec["status"] not in ("success", "cached"):
@@ -400,7 +547,7 @@ def _follow(plan, record, job, home, echo, save, poll):
         job["updated_at"] = time.time()
         tails.echo(echo)
         restarts = job.get("restarts") or 0
-        changed = _update_stages(plan, record, job, home)
+        changed = _update_stages(record, job, home)
         if (job["state"], job["reason"]) != last or job["restarts"] != restarts:
             last = (job["state"], job["reason"])
             reason = f" ({job['reason']})" if job["reason"] else ""

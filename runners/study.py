@@ -85,13 +85,16 @@ def plan_study(study, caps=None):
     return StudyPlan(study=study, plans=tuple(plans))
 
 
-def preflight(splan):
-    """What `apply` checks before anything runs, for every cell: the device exists here and local data paths exist
-    (runners.execute). SpecError with each distinct problem once."""
+def preflight(splan, devices=True):
+    """What `apply` checks before anything runs, for every cell: the device exists here (unless not `devices`: the
+    cells run on a cluster's nodes) and local data paths exist (runners.execute). SpecError with each distinct
+    problem once."""
     from runners.execute import check_device, check_local_data
     problems, seen = [], set()
+    checks = ((check_device, lambda plan: repr(plan.spec.hardware)),) if devices else ()
+    checks += ((check_local_data, lambda plan: plan.stages[0].key),)
     for cell, plan in splan.cells():
-        for check, key in ((check_device, repr(plan.spec.hardware)), (check_local_data, plan.stages[0].key)):
+        for check, key in ((check, what(plan)) for check, what in checks):
             if (check, key) in seen:   # cells with the same hardware / the same data stage: checked once
                 continue
             seen.add((check, key))
@@ -140,9 +143,20 @@ def _run_status(run_id, home):
         return "failed"
     status = run.get("status") or "pending"
     if status == "running" and not (run.get("apply_host") in (None, os.uname().nodename)
-                                    and isinstance(run.get("apply_pid"), int) and _pid_alive(run["apply_pid"])):
+                                    and isinstance(run.get("apply_pid"), int) and _pid_alive(run["apply_pid"])) \
+            and not _in_slurm(directory):
         status = "interrupted"   # killed without a chance to record it
     return status
+
+
+def _in_slurm(directory):
+    """True when the run's last Slurm job is recorded as queued or running (its stages run without an apply)."""
+    from runners.slurm import ACTIVE
+    try:
+        jobs = rundir.read_jobs(directory)
+    except rundir.RunDirError:
+        return False
+    return bool(jobs) and jobs[-1].get("state") in ACTIVE
 
 
 def cell_state(plan, recorded=None, home=None):
@@ -176,7 +190,7 @@ def merged_record(splan, home=None):
     cells = []
     for cell, plan in splan.cells():
         history = {k: v for k, v in by_run.get(plan.run_id, {}).items()
-                   if k in ("status", "started_at", "finished_at", "wall_seconds", "error")}
+                   if k in ("status", "started_at", "finished_at", "wall_seconds", "error", "job_id", "output")}
         cells.append({**new_cell_entry(study.name, cell, plan, home), **history})
     current = {c["run_id"] for c in cells}
     retired = [c for c in by_run.values() if c["run_id"] not in current]
@@ -186,7 +200,7 @@ def merged_record(splan, home=None):
             "gpus_per_cell": sweep.gpus_per_cell, "max_parallel": sweep.max_parallel,
             "created_at": old.get("created_at") or time.time(), "updated_at": None,
             "applies": old.get("applies", 0), "status": old.get("status", "pending"),
-            "cells": cells, "retired": retired}
+            "launcher": study.spec.hardware.launcher, "jobs": old.get("jobs", []), "cells": cells, "retired": retired}
 
 
 # --- the report -------------------------------------------------------------------------------------
@@ -203,10 +217,13 @@ def _derived(plan):
             "weight_decay": d["weight_decay_scaled"], "flops_per_token": d["flops_per_token"], "flops": d["total_flops"]}
 
 
-def parallel_cells(spec):
+def parallel_cells(spec, n_cells=1):
     """How many cells run at once on the spec's node: GPUs per node // GPUs per cell, capped by max_parallel;
-    one on CPU and MPS (a cell already uses every core)."""
+    one on CPU and MPS (a cell already uses every core). On Slurm: max_parallel, else every cell (the cluster
+    decides)."""
     hw, sweep = spec.hardware, spec.sweep
+    if hw.launcher == "slurm":
+        return max(1, min(n_cells, sweep.max_parallel or n_cells))
     if hw.gpu.lower() == "cpu" or hw.device_type in ("cpu", "mps"):
         return 1
     n = hw.gpus_per_node // (sweep.gpus_per_cell or hw.gpus_per_node)
@@ -229,7 +246,7 @@ def study_report(splan, home=None):
                       "error": (recorded.get(plan.run_id) or {}).get("error") if state == "failed" else None,
                       "stages": [{"stage": s.name, "key": s.key, "dir_name": s.dir_name,
                                   "state": rundir.stage_state(s.stage_dir(home))} for s in plan.stages]})
-    sweep, parallel = study.spec.sweep, parallel_cells(study.spec)
+    sweep, parallel = study.spec.sweep, parallel_cells(study.spec, len(cells))
     left = [c for c in cells if c["state"] != "done"]
     seconds = sum(c["estimate"]["seconds"] for c in cells)
     remaining = sum(c["estimate"]["seconds"] for c in left)
@@ -239,7 +256,7 @@ def study_report(splan, home=None):
         "study": study.name, "spec_path": study.path, "spec_hash": spec_hash(study.spec),
         "grid": sweep.grid, "seeds": sweep.seeds, "gpus_per_cell": sweep.gpus_per_cell or study.spec.hardware.gpus_per_node,
         "parallel": parallel, "hardware": {"gpu": study.spec.hardware.gpu, "gpus_per_node": study.spec.hardware.gpus_per_node},
-        "cells": cells, "shared_stages": shared,
+        "cells": cells, "shared_stages": shared, "launcher": _launcher(splan, home),
         "retired": [c["run_id"] for c in record.get("retired", [])],
         "totals": {"cells": len(cells), "flops": sum(c["estimate"]["flops"] for c in cells), "seconds": seconds,
                    "wall_seconds": seconds / parallel, "usd": sum(c["estimate"]["usd"] for c in cells),
@@ -248,6 +265,24 @@ def study_report(splan, home=None):
     }
 
 
+
+
+def _launcher(splan, home):
+    if splan.study.spec.hardware.launcher != "slurm":
+        return {"kind": splan.study.spec.hardware.launcher, "jobs": []}
+    from runners.slurm_study import launcher_report
+    return launcher_report(splan, home)
+
+
+def _ranges(numbers):
+    """'1-3, 5' for [1, 2, 3, 5]."""
+    spans = []
+    for n in numbers:
+        if spans and n == spans[-1][1] + 1:
+            spans[-1][1] = n
+        else:
+            spans.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def _short(x):
@@ -268,6 +303,9 @@ def render_study(report):
     hw = report["hardware"]
     where = "CPU, one cell at a time" if report["parallel"] == 1 and hw["gpu"].lower() == "cpu" else \
         f"{report['gpus_per_cell']} of {hw['gpus_per_node']} {hw['gpu']} per cell, {report['parallel']} at a time"
+    launcher = report.get("launcher") or {"kind": "local"}
+    if launcher["kind"] == "slurm":
+        where = f"a Slurm job array, up to {report['parallel']} at a time"
     lines = [f"study {report['study']}  ({report['spec_path']}: {n} cells = {dims}{seeds}; {where})", ""]
     head = f"{'#':>3}  {'state':<11} {'depth':>5} {'width':>5} {'params':>7} {'tokens':>7} {'tok/p':>6} {'batch':>6} " \
            f"{'iters':>6} {'lr':>7} {'FLOPs':>8} {'time':>8} {'$':>8}  overrides -> run"
@@ -285,6 +323,13 @@ def render_study(report):
                      f"{e['usd']:>8.2f}  {c['label']} -> {c['run_id']}")
         if c.get("error"):
             lines.append(f"{'':>5}error: {c['error']}")
+    for job in launcher.get("jobs", []):
+        what = f"the shared stages {', '.join(job['stages'])}" if job["kind"] == "shared" else \
+            f"an array of cells {_ranges(job['cells'])}"
+        args = [line.split(" ", 1)[1] for line in job["script"].splitlines() if line.startswith("#SBATCH ")]
+        lines += ["", f"slurm    {what}: sbatch {' '.join(args)}"]
+    if launcher.get("jobs"):
+        lines.append("         (the job scripts are in plan --json under launcher.jobs)")
     if report["shared_stages"]:
         lines += ["", "shared   " + ", ".join(f"{s['dir_name']} ({s['cells']} cells)" for s in report["shared_stages"])
                   + ": run once"]
@@ -334,12 +379,23 @@ def study_status(name, home=None):
                                  + (f" (known: {', '.join(known)})" if known else " (apply a spec with a sweep "
                                                                                   "block first)"))
     cells = [{"cell": c.get("cell"), "run_id": c["run_id"], "overrides": c.get("overrides", {}),
-              "state": recorded_state(c, home), "error": c.get("error"), "wall_seconds": c.get("wall_seconds")}
+              "state": recorded_state(c, home), "error": c.get("error"), "wall_seconds": c.get("wall_seconds"),
+              "job": _last_job(c["run_id"], home)}
              for c in record.get("cells", [])]
     states = {s: n for s in CELL_STATES if (n := sum(c["state"] == s for c in cells))}
     return {"study": record["study"], "spec_path": record.get("spec_path"), "status": record.get("status"),
             "updated_at": record.get("updated_at"), "cells": cells, "states": states,
+            "launcher": record.get("launcher", "local"), "jobs": record.get("jobs", []),
             "retired": [c["run_id"] for c in record.get("retired", [])]}
+
+
+def _last_job(run_id, home=None):
+    """{"job_id", "state", "restarts"} of the cell's last Slurm job (an array task: ARRAY_TASK), None without one."""
+    try:
+        jobs = rundir.read_jobs(rundir.run_dir(run_id, home))
+    except rundir.RunDirError:
+        return None
+    return {k: jobs[-1].get(k) for k in ("job_id", "state", "reason", "restarts")} if jobs else None
 
 
 def render_status(status):
@@ -347,7 +403,11 @@ def render_status(status):
     for c in status["cells"]:
         label = " ".join(f"{k}={show(v)}" for k, v in c["overrides"].items()) or "(base)"
         mark = "!" if c["state"] == "missing" else ""
-        lines.append(f"{c['cell']:>3}  {c['state'] + mark:<12} {label} -> {c['run_id']}")
+        job, slurm = c.get("job"), ""
+        if job:
+            requeues = f", requeued {job['restarts']}x" if job.get("restarts") else ""
+            slurm = f"  [slurm {job['job_id']} {job['state']}{requeues}]"
+        lines.append(f"{c['cell']:>3}  {c['state'] + mark:<12} {label} -> {c['run_id']}{slurm}")
         if c["state"] == "failed" and c.get("error"):
             lines.append(f"{'':>5}error: {c['error']}")
     states = ", ".join(f"{k} {v}" for k, v in status["states"].items())

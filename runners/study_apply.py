@@ -23,8 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanochat import rundir
-from runners.execute import Lock, _die_with_parent_fn, _interrupt_on_sigterm
-from runners.study import cell_state, fmt_seconds, merged_record, study_dir, write_record
+from runners.execute import Lock, _alive, _die_with_parent_fn, _interrupt_on_sigterm
+from runners.study import cell_state, fmt_seconds, merged_record, read_record, study_dir, write_record
 from specs import dump_yaml
 from specs.errors import LaunchError, SpecError
 
@@ -244,3 +244,28 @@ def _stop(running, timeout=60.0):
         except subprocess.TimeoutExpired:
             os.killpg(r.proc.pid, signal.SIGKILL)
             r.proc.wait()
+
+
+def cancel_study(name, home=None, echo=print, timeout=60.0):
+    """`nanorun cancel STUDY`: scancel its Slurm jobs that may still run (launcher: slurm), or SIGTERM the local apply
+    running its cells on this host (it stops them and records them as interrupted). Returns what was stopped."""
+    record = read_record(name, home)
+    if record.get("launcher") == "slurm":
+        from runners.slurm_study import cancel_study_jobs
+        stopped = cancel_study_jobs(record, home, echo)
+        if stopped:
+            echo(f"study {name}: cancelled; `nanorun apply {record.get('spec_path')}` runs what is missing")
+    else:
+        pid, host, stopped = record.get("apply_pid"), record.get("apply_host"), []
+        if record.get("status") == "running" and isinstance(pid, int) and pid > 0 and _alive(pid):
+            if host and host != os.uname().nodename:
+                raise LaunchError(f"study {name} is being applied on host {host} (pid {pid}); stop it there")
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.time() + timeout
+            while time.time() < deadline and _alive(pid):
+                time.sleep(0.1)
+            echo(f"study {name}: stopped its apply (pid {pid}); `nanorun apply {record.get('spec_path')}` resumes it")
+            stopped = [pid]
+    if not stopped:
+        echo(f"study {name}: nothing is queued or running")
+    return stopped

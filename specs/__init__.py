@@ -12,7 +12,7 @@ and the shipped specs (specs/*.yaml). Imports only pydantic and yaml.
 from pathlib import Path
 
 from specs.errors import DataError, LaunchError, NanorunError, RegistryError, SpecError
-from specs.loader import dump_yaml, load, load_text, spec_hash, validate, validate_text
+from specs.loader import dump_yaml, load, load_text, recipe_hash, spec_hash, validate, validate_text
 from specs.schema import (STAGE_NAMES, STAGE_NEEDS, DataSpec, HardwareSpec, ModelSpec, Spec, TokenizerSpec,
                           TrainSource, TrainSpec, ValSource, stage_names, stage_options, vocab_size)
 from specs.sweep import MAX_CELLS, Cell, Study, read_study
@@ -25,7 +25,7 @@ def shipped_specs():
     return sorted(SPECS_DIR.glob("*.yaml"))
 
 
-__all__ = ["load", "load_text", "validate", "validate_text", "spec_hash", "dump_yaml", "stage_names",
+__all__ = ["load", "load_text", "validate", "validate_text", "spec_hash", "recipe_hash", "dump_yaml", "stage_names",
            "stage_options", "vocab_size", "shipped_specs", "SPECS_DIR", "STAGE_NAMES", "STAGE_NEEDS", "Spec",
            "HardwareSpec", "DataSpec", "TrainSource", "ValSource", "TokenizerSpec", "ModelSpec", "TrainSpec",
            "NanorunError", "SpecError", "RegistryError", "LaunchError", "DataError", "read_study", "Study", "Cell",

@@ -331,15 +331,33 @@ def load(path):
     return load_text(_read(path), str(path))
 
 
-def spec_hash(spec):
-    """sha256 hex of the validated spec (defaults filled in), ignoring description, tags and the launcher."""
+def _canonical(spec):
     canonical = spec.model_dump(mode="json", exclude={"description", "tags"})
     if canonical.get("sweep") is None:   # a plain spec hashes as it did before studies existed
         canonical.pop("sweep", None)
-    for where in ("launcher", "slurm"):   # where a run is launched is not what it computes: same run id anywhere
+    for where in ("launcher", "slurm", "skypilot"):   # where a run is launched is not what it computes: same run id
         canonical["hardware"].pop(where, None)
+    if canonical.get("sweep"):   # nor how many of a study's cells run at once
+        canonical["sweep"].pop("max_parallel", None)
+    return canonical
+
+
+def _sha(canonical):
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def spec_hash(spec):
+    """sha256 hex of the validated spec (defaults filled in), ignoring description, tags, the launcher and
+    sweep.max_parallel."""
+    return _sha(_canonical(spec))
+
+
+def recipe_hash(spec):
+    """spec_hash without the seed: runs that differ only in their seed share it (the leaderboard's groups)."""
+    canonical = _canonical(spec)
+    canonical.pop("seed", None)
+    return _sha(canonical)
 
 
 def dump_yaml(spec, exclude_defaults=False):

@@ -35,6 +35,10 @@ SECTIONS = ("hardware", "data", "tokenizer", "model", "train")
 Source = Literal["climbmix", "fineweb_edu", "parquet", "text", "demo"]
 # minutes | minutes:seconds | hours:minutes:seconds | days-hours[:minutes[:seconds]] (sbatch --time)
 SLURM_TIME = r"\d+(:\d{1,2}){0,2}|\d+-\d{1,2}(:\d{1,2}){0,2}"
+SKY_ACCELERATORS = r"[A-Za-z][A-Za-z0-9_.-]*:[1-9][0-9]*"   # SkyPilot's NAME:COUNT, whole GPUs
+# the object stores SkyPilot mounts: s3, gs, r2 (Cloudflare), cos (IBM), oci, nebius, and Azure blob containers
+SKY_BUCKET = (r"(s3|gs|r2|cos|oci|nebius)://[a-z0-9][a-z0-9._-]*(/\S*)?"
+              r"|https://[a-z0-9]+\.blob\.core\.windows\.net/[a-z0-9-]+(/\S*)?")
 
 
 class _Model(BaseModel):
@@ -71,9 +75,60 @@ class SlurmSpec(_Model):
         return v
 
 
+class SkyPilotSpec(_Model):
+    """SkyPilot settings for `launcher: skypilot` (runners/skypilot.py renders the task). None = SkyPilot's choice;
+    accelerators None = derived from hardware.gpu and gpus_per_node (H100-SXM x 8 -> H100:8). `bucket` (a storage
+    URI) is mounted as $NANORUN_HOME on every node, so checkpoints outlive a preempted node."""
+    accelerators: Optional[str] = None            # NAME:COUNT as SkyPilot spells it, e.g. H100:8, A100-80GB:8
+    cloud: Optional[str] = None                   # aws, gcp, azure, lambda, kubernetes, runpod, ...
+    region: Optional[str] = None
+    use_spot: bool = False
+    managed: Optional[bool] = None                # a managed job (relaunched after preemption); None = use_spot
+    bucket: Optional[str] = None                  # s3://bucket/path, gs://bucket/path, r2://..., ...
+    disk_size: Optional[int] = Field(None, ge=1)  # GB of the nodes' disks
+    setup: tuple[str, ...] = Field((), strict=False)   # lines run after `pip install -e .` on every node
+    envs: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("accelerators")
+    @classmethod
+    def _name_and_count(cls, v):
+        if v is not None and not re.fullmatch(SKY_ACCELERATORS, v):
+            raise ValueError(f"must be NAME:COUNT as SkyPilot spells it, e.g. H100:8 (got {v!r})")
+        return v
+
+    @field_validator("cloud", "region")
+    @classmethod
+    def _word(cls, v):
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v):
+            raise ValueError(f"must be one name, e.g. aws or us-east-1 (got {v!r})")
+        return v
+
+    @field_validator("bucket")
+    @classmethod
+    def _storage_uri(cls, v):
+        if v is not None and not re.fullmatch(SKY_BUCKET, v):
+            raise ValueError(f"must be a storage URI such as s3://BUCKET/PATH or gs://BUCKET/PATH (got {v!r})")
+        return v
+
+    @field_validator("envs")
+    @classmethod
+    def _env_names(cls, v):
+        for name in v:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise problem(f"{name!r} is not an environment variable name", name)
+            if name == "NANORUN_HOME":
+                raise problem("NANORUN_HOME is set by nanorun (the bucket's mount point); leave it out", name)
+        return v
+
+    @property
+    def is_managed(self):
+        return self.use_spot if self.managed is None else self.managed
+
+
 class HardwareSpec(_Model):
     """Where it runs. For a CPU run: gpu "cpu", device_type "cpu", gpus_per_node = processes on the node.
-    `launcher` decides how the stages start: local processes, a Slurm batch job (`slurm:` settings), or SkyPilot."""
+    `launcher` decides how the stages start: local processes, a Slurm batch job (`slurm:` settings), or a SkyPilot
+    task on rented nodes (`skypilot:` settings)."""
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(1, ge=1)
     gpu: str = Field("H100-SXM", min_length=1)   # a name nanochat.hardware.get_peak_flops knows, or "cpu"
@@ -81,6 +136,7 @@ class HardwareSpec(_Model):
     device_type: Literal["", "cuda", "cpu", "mps"] = ""   # "" = autodetect on the node
     launcher: Literal["local", "slurm", "skypilot"] = "local"
     slurm: SlurmSpec = Field(default_factory=SlurmSpec)
+    skypilot: SkyPilotSpec = Field(default_factory=SkyPilotSpec)
 
     @property
     def world_size(self):
@@ -93,6 +149,17 @@ class HardwareSpec(_Model):
             raise problem(f"device_type {self.device_type!r} does not run on gpu 'cpu'", "device_type")
         if self.device_type == "cpu" and not is_cpu:
             raise problem(f"device_type 'cpu' but gpu is {self.gpu!r} (use gpu: cpu)", "gpu")
+        sky = self.skypilot
+        if sky.accelerators and is_cpu:
+            raise problem("a CPU spec (gpu: cpu) runs on the nodes' CPUs; leave accelerators out",
+                          "skypilot.accelerators")
+        if sky.accelerators and int(sky.accelerators.rsplit(":", 1)[1]) != self.gpus_per_node:
+            raise problem(f"the count must be gpus_per_node ({self.gpus_per_node}): torchrun starts that many "
+                          f"processes per node (got {sky.accelerators!r})", "skypilot.accelerators")
+        if self.launcher == "skypilot" and sky.is_managed and not sky.bucket:
+            raise problem("a managed job resumes on a new node after preemption and needs the checkpoints there: "
+                          "set skypilot.bucket (s3://... or gs://...), or managed: false",
+                          "skypilot.use_spot" if sky.managed is None else "skypilot.managed")
         return self
 
 

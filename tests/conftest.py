@@ -25,7 +25,7 @@ def _write_json(path, obj):
 
 def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=None, core_metric=0.3, core_tasks=22,
                   val_bpb=0.8, total_training_time=3600.0, total_flops=1e18, num_steps=20, created_at=None,
-                  hardware=None, depth=4, git_commit="abc1234", tags=("test",), real_names=False):
+                  hardware=None, depth=4, git_commit="abc1234", tags=("test",), real_names=False, recipe="r0"):
     """Write $home/runs/<run_id>/run.json plus the stage directories tok_train (shared by every run of this
     helper, like a real content-addressed tokenizer), base_train and base_eval. Returns the run directory.
 
@@ -37,8 +37,9 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
     core_metric=None: base_eval failed (no result.json).
     real_names=True: metric names and events as the real stages write them: base_train logs train/loss,
     train/tok_per_sec, val/bpb; base_eval adds the aggregate eval event (task "CORE", metric core_metric, n = task
-    count), logs core/metric, train/bpb, val/bpb and its result.json has core_tasks and core_missing."""
-    run_id = run_id or f"{name}-{_key(name, seed, status)[:8]}"
+    count), logs core/metric, train/bpb, val/bpb and its result.json has core_tasks and core_missing.
+    recipe: runs of one name and recipe share a recipe_hash (seeds of one recipe); None = no recipe_hash recorded."""
+    run_id = run_id or f"{name}-{_key(name, seed, status, *([recipe] if recipe != 'r0' else []))[:8]}"
     created_at = created_at if created_at is not None else time.time() - 7200
     hardware = hardware or {"nodes": 1, "gpus_per_node": 8, "gpu": "H100-SXM", "usd_per_gpu_hour": 3.0,
                             "device_type": "cuda"}
@@ -117,7 +118,8 @@ def make_run_tree(home, name="cpu_demo", seed=0, status="success", *, run_id=Non
         stage("base_eval", _key(run_id, "base_eval"), "pending", {})
 
     run = {"run_id": run_id, "name": name, "spec_path": f"specs/{name}.yaml", "spec_yaml": f"name: {name}\n",
-           "spec_hash": _key("spec", name), "plan": {"run_id": run_id, "stages": [{"stage": "base_train",
+           "spec_hash": _key("spec", name, seed, recipe),
+           **({"recipe_hash": _key("recipe", name, recipe)} if recipe is not None else {}), "plan": {"run_id": run_id, "stages": [{"stage": "base_train",
                                                                                    "params": {"depth": depth}}]},
            "status": status, "created_at": created_at, "started_at": created_at + 1,
            "finished_at": None if status in ("running", "pending") else created_at + 300,

@@ -106,7 +106,7 @@ def test_eval_bpb_records_run_registry_and_is_cached(tiny_run, nanorun_home):
     with open(os.path.join(sdir, "result.json")) as f:
         metrics = json.load(f)["metrics"]
     assert metrics["step"] == 5 and 0 < metrics["val_bpb"] < 30 and "core_metric" not in metrics
-    assert f"val_bpb      {metrics['val_bpb']:.6g}" in out and "next: nanorun show tiny-0123abcd" in out
+    assert f"val_bpb       {metrics['val_bpb']:.6g}" in out and "next: nanorun show tiny-0123abcd" in out
     with open(os.path.join(sdir, "config.json")) as f:
         config = json.load(f)
     assert config["eval"] == "bpb" and config["split_tokens"] == 128 and config["out_dir"] == sdir
@@ -311,7 +311,7 @@ def test_eval_chat_suite_runs_chat_eval_on_the_sft_model(tiny_run, nanorun_home,
     with open(os.path.join(sdir, "result.json")) as f:
         metrics = json.load(f)["metrics"]
     assert metrics["source"] == "sft" and metrics["step"] == 4 and metrics["counts"] == {"SpellingBee": 3}
-    assert 0.0 <= metrics["SpellingBee"] <= 1.0 and f"SpellingBee  {metrics['SpellingBee']:.4f} (n=3)" in out
+    assert 0.0 <= metrics["SpellingBee"] <= 1.0 and f"SpellingBee   {metrics['SpellingBee']:.4f} (n=3)" in out
     with open(os.path.join(sdir, "config.json")) as f:
         config = json.load(f)
     assert "eval" not in config and config["max_problems"] == 3 and config["tasks"] == ["SpellingBee"]

@@ -15,7 +15,7 @@ from conftest import make_run_tree
 from nanochat.rundir import RunDirError
 from registry import db, get_run, ingest_all, ingest_run, leaderboard, list_runs, query, rebuild, sync
 from registry.db import SCHEMA_VERSION, RegistryLocked, connect, registry_path
-from registry.queries import QueryError
+from registry.queries import QueryError, recipe_labels
 from specs.errors import RegistryError
 
 TABLES = ["runs", "stages", "metrics", "evals", "samples", "stage_results"]
@@ -336,6 +336,61 @@ def test_leaderboard_ranks_groups_and_explains(nanorun_home):
                        "live": "no CORE yet (running)", "failed": "no CORE yet (success)"}
     assert all(r["rank"] is None for r in rows[3:])
     assert [r["name"] for r in leaderboard(qualified_only=True)] == ["fast", "fast", "slow"]
+
+
+def test_leaderboard_groups_seeds_by_recipe_not_by_name(nanorun_home):
+    # two recipes saved under one name are two entries; the seeds of each average together
+    for seed, hours in enumerate([1.0, 1.2]):
+        make_run_tree(nanorun_home, "d12", seed=seed, total_training_time=hours * 3600, recipe="lr0.02")
+    for seed, hours in enumerate([3.0, 3.4, 3.2]):
+        make_run_tree(nanorun_home, "d12", seed=seed, total_training_time=hours * 3600, recipe="lr0.04")
+    make_run_tree(nanorun_home, "solo", total_training_time=2 * 3600)
+    sync()
+    rows = leaderboard(qualified_only=True)
+    assert [(r["name"], r["n"]) for r in rows] == [("d12", 2), ("solo", 1), ("d12", 3)]
+    assert rows[0]["hours"] == pytest.approx(1.1) and rows[2]["hours"] == pytest.approx(3.2)
+    assert rows[0]["recipe_hash"] != rows[2]["recipe_hash"]
+    labels = recipe_labels(rows)
+    assert labels[1] == "solo" and labels[0] == f"d12 @{rows[0]['recipe_hash'][:8]}" != labels[2]
+    out = subprocess.run([sys.executable, "-m", "runners", "leaderboard", "--qualified"], capture_output=True,
+                         text=True, env={**os.environ, "NANORUN_HOME": str(nanorun_home)})
+    assert out.returncode == 0 and labels[0] in out.stdout and labels[2] in out.stdout, out.stdout + out.stderr
+
+
+def test_runs_recorded_before_recipe_hashes_get_one_from_their_spec(nanorun_home):
+    # an older run.json has no recipe_hash: ingest derives it from the recorded spec, so its seeds still group,
+    # and a spec that no longer loads leaves the run a group of its own
+    base = open(os.path.join(os.path.dirname(__file__), "..", "specs", "cpu_demo.yaml")).read()
+    for seed, hours in enumerate([1.0, 2.0]):
+        run_dir = make_run_tree(nanorun_home, "cpu_demo", seed=seed, total_training_time=hours * 3600, recipe=None)
+        run = json.load(open(os.path.join(run_dir, "run.json")))
+        run["spec_yaml"] = base + f"\nseed: {seed}\n"
+        json.dump(run, open(os.path.join(run_dir, "run.json"), "w"))
+    make_run_tree(nanorun_home, "cpu_demo", seed=7, recipe=None)   # spec_yaml "name: cpu_demo": does not load
+    sync()
+    rows = leaderboard(qualified_only=True)
+    assert sorted(r["n"] for r in rows) == [1, 2]
+    import specs
+    grouped = next(r for r in rows if r["n"] == 2)
+    assert grouped["recipe_hash"] == specs.recipe_hash(specs.load_text(base + "\nseed: 3\n"))
+    assert next(r for r in rows if r["n"] == 1)["recipe_hash"] is None
+
+
+def test_migration_to_recipe_hashes_re_reads_every_run(nanorun_home):
+    # a registry written before v5 has runs but no recipe_hash column: migrating adds it and makes the next sync
+    # re-read every run (their run.json did not change), so old seeds group at once
+    ids = sorted(os.path.basename(make_run_tree(nanorun_home, "d12", seed=seed)) for seed in (0, 1))
+    assert sorted(sync()) == ids and sync() == []   # ingested once; unchanged runs are not re-read
+    path = registry_path(nanorun_home)
+    raw = duckdb.connect(path)   # back to version 4, as that nanorun left it
+    for view in ("leaderboard", "run_summary"):
+        raw.execute(f"DROP VIEW {view}")
+    raw.execute("ALTER TABLE runs DROP COLUMN recipe_hash")
+    raw.execute("DELETE FROM schema_version WHERE version = 5")
+    raw.close()
+    assert sorted(sync()) == ids   # the sync migrates, then re-reads every run
+    rows = leaderboard(qualified_only=True)
+    assert [r["n"] for r in rows] == [2] and rows[0]["recipe_hash"]
 
 
 def test_core_exactly_at_threshold_qualifies(nanorun_home):

@@ -101,6 +101,19 @@ def test_grid_and_seeds_expand_into_ordinary_cell_specs(tmp_path):
     assert make_plan(again).run_id == plans[-1].run_id
 
 
+def test_max_parallel_and_the_launcher_change_no_run_id(tmp_path):
+    """How many cells run at once, and where, is not what a cell computes: the same run ids and study hash."""
+    sweep = "  grid:\n    model.depth: [1, 2]\n"
+    plain = write(tmp_path / "a.yaml", study_text(sweep))
+    slurm = write(tmp_path / "b.yaml", study_text(sweep + "  max_parallel: 1\n").replace(
+        "device_type: cpu}", "device_type: cpu, launcher: slurm}"))
+    a, b = specs.read_study(plain), specs.read_study(slurm)
+    assert b.spec.sweep.max_parallel == 1 and b.spec.hardware.launcher == "slurm"
+    assert specs.spec_hash(a.spec) == specs.spec_hash(b.spec)
+    runs = [[make_plan(c.spec).run_id for c in study.cells] for study in (a, b)]
+    assert runs[0] == runs[1] and len(set(runs[0])) == 2
+
+
 def test_a_cell_equal_to_the_base_is_the_plain_spec_run(tmp_path):
     """The sweep block changes nothing for specs without one: same stage keys and run id as before studies."""
     plain = write(tmp_path / "plain.yaml", BASE.format(text="/x", iterations=8))

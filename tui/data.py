@@ -191,6 +191,8 @@ def leaderboard(home, timeout=2.0):
         return LEADERBOARD_COLUMNS, None, "registry busy: another nanorun process is writing it; press r to retry"
     except NanorunError as e:
         return LEADERBOARD_COLUMNS, None, f"registry unavailable: {str(e).splitlines()[0][:120]}"
+    for row, label in zip(table, queries.recipe_labels(table)):
+        row["name"] = label
     return LEADERBOARD_COLUMNS, [[row.get(c) for c in LEADERBOARD_COLUMNS] for row in table], "registry"
 
 

@@ -10,7 +10,7 @@
 # logs, pid files; nothing under /etc is written. Settings (environment):
 #   NANORUN_SLURM_DIR    state directory                      NANORUN_SLURM_PORT  slurmctld port (default 16817;
 #   NANORUN_SLURM_NODES  1, or 2 for two slurmd on this machine                      slurmd ports follow it)
-#   NANORUN_SLURM_GPUS   fake GRES gpu count per node (default 0: no GRES)
+#   NANORUN_SLURM_GPUS   fake GRES gpus per node (default 0: no GRES; device files under $STATE/dev)
 #   NANORUN_SLURM_TIMEOUT  seconds to wait for the daemons / the package install (default 60 / 900)
 # up is idempotent (a running cluster is reused; a half-started one is restarted), down is safe when nothing runs.
 # A failure prints one line on stderr naming what failed and the log to read, and exits 1; nothing waits forever.
@@ -115,7 +115,18 @@ write_config() {
     render_config >"$CONF.tmp"
     mv "$CONF.tmp" "$CONF"
     if [ "$GPUS" -gt 0 ]; then
-        for i in $(seq 1 "$NODES"); do echo "NodeName=$(node_name "$i") Name=gpu Count=$GPUS"; done >"$STATE/gres.conf"
+        # fake GPUs: slurmd counts a gpu GRES by its device files, so each node gets character devices like /dev/null
+        # (plain files if mknod is not allowed; slurmd logs a complaint and counts them all the same); jobs see
+        # CUDA_VISIBLE_DEVICES set to the indexes they were given
+        local i g
+        for i in $(seq 1 "$NODES"); do
+            mkdir -p "$STATE/dev/$(node_name "$i")"
+            for g in $(seq 0 $((GPUS - 1))); do
+                local dev="$STATE/dev/$(node_name "$i")/gpu$g"
+                [ -e "$dev" ] || mknod "$dev" c 1 3 2>/dev/null || touch "$dev"
+            done
+            echo "NodeName=$(node_name "$i") Name=gpu File=$STATE/dev/$(node_name "$i")/gpu[0-$((GPUS - 1))]"
+        done >"$STATE/gres.conf"
     else
         rm -f "$STATE/gres.conf"
     fi
