@@ -248,6 +248,14 @@ def test_shipped_studies_are_the_reference_grids():
     assert specs.stage_options(laws, "base_eval")["max_per_task"] == -1   # full CORE
     series = specs.read_study(ROOT / "specs" / "miniseries.yaml")
     assert [c.spec.model.depth for c in series.cells] == list(range(12, 27, 2))
+    # the CPU study (bench/RESULTS.md has its run): offline data, 4 depths x 3 budgets, every cell a CPU run whose
+    # horizon is its budget
+    demo = specs.read_study(ROOT / "specs" / "scaling_demo.yaml")
+    assert [(c.spec.model.depth, c.spec.train.target_flops) for c in demo.cells] == \
+        [(d, c) for d in (1, 2, 3, 4) for c in (1.25e12, 2.5e12, 5e12)]
+    assert {s.source for s in demo.spec.data.train} == {"demo"} and demo.spec.hardware.gpu == "cpu"
+    assert all(c.spec.train.target_param_data_ratio == -1 for c in demo.cells)
+    assert specs.stage_names(demo.spec) == ["data", "tok_train", "base_train"]
 
 
 # --- the scheduler's decisions --------------------------------------------------------------------------
