@@ -6,15 +6,19 @@ The registry database file: where it lives, how to open it safely, and its versi
 
 DuckDB allows ONE read-write process XOR many read-only processes on a file. So every connection here is
 short-lived (open late, close early) and opening retries with backoff for about `timeout` seconds when the file
-is locked, then raises a RegistryError naming the PID that holds it.
+is locked, then raises a RegistryError naming the PID that holds it. A writer waiting for the file is not starved
+by readers whose connections keep overlapping: it holds a gate (a flock on the registry's directory) while it
+waits, and readers that arrive meanwhile wait behind it (`_gate`).
 
 Timestamps are DOUBLE unix seconds everywhere (as the run directories write them); the CLI formats them.
 Migrations are an ordered list; migration i (1-based) brings the schema to version i, applied in one transaction.
 """
 
+import fcntl
 import os
 import re
 import time
+from contextlib import contextmanager
 
 import duckdb
 
@@ -237,10 +241,42 @@ def _lock_holder(message):
     return f"process {m.group(1)}" if m else "another process"
 
 
+@contextmanager
+def _gate(path, deadline, timeout, writer):
+    """Writer preference for DuckDB's lock, which has no queue: retrying alone, a writer may never find the file
+    free while readers' connections overlap. The gate is an exclusive flock on the registry's directory (no extra
+    file). A writer holds it while it waits for DuckDB's lock and opens; a reader only passes through it. So while
+    a writer waits, new readers wait behind it and it waits only for the connections already open; readers never
+    wait for each other. Where the directory cannot be flocked (some NFS mounts), DuckDB's lock is all there is."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        fd = None
+    try:
+        while fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise RegistryLocked(f"{path}: registry is busy: another nanorun process is waiting to write it "
+                                         f"(gave up after {timeout:.0f}s); retry when it finishes") from None
+                time.sleep(0.01)
+            except OSError:
+                break
+        if fd is not None and not writer:
+            os.close(fd)   # passed: releases the flock
+            fd = None
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)   # releases the flock
+
+
 def connect(path=None, read_only=False, timeout=10.0):
-    """Open the registry, retrying with exponential backoff (bounded by `timeout` seconds) while another
-    process holds a conflicting lock. A read-write open creates the file and migrates it to SCHEMA_VERSION;
-    a read-only open checks the version. Close the connection as soon as you are done."""
+    """Open the registry, retrying with backoff (bounded by `timeout` seconds, a writer's turn at the gate
+    included) while another process holds a conflicting lock. A read-write open creates the file and migrates it
+    to SCHEMA_VERSION; a read-only open checks the version. Close the connection as soon as you are done."""
     path = path or registry_path()
     if read_only and not os.path.exists(path):
         raise RegistryError(f"{path}: no registry yet (run `nanorun registry rebuild` or apply a spec)")
@@ -248,21 +284,22 @@ def connect(path=None, read_only=False, timeout=10.0):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     deadline = time.monotonic() + timeout
     delay = 0.05
-    while True:
-        try:
-            con = duckdb.connect(path, read_only=read_only)
-            break
-        except duckdb.IOException as e:
-            message = str(e)
-            if "Could not set lock" not in message:
-                raise RegistryError(f"{path}: cannot open registry: {message.splitlines()[0]}") from None
-            if time.monotonic() + delay > deadline:
-                raise RegistryLocked(f"{path}: registry is locked by {_lock_holder(message)} "
-                                    f"(gave up after {timeout:.0f}s); retry when it finishes") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-        except duckdb.Error as e:
-            raise RegistryError(f"{path}: cannot open registry: {str(e).splitlines()[0]}") from None
+    with _gate(path, deadline, timeout, writer=not read_only):
+        while True:
+            try:
+                con = duckdb.connect(path, read_only=read_only)
+                break
+            except duckdb.IOException as e:
+                message = str(e)
+                if "Could not set lock" not in message:
+                    raise RegistryError(f"{path}: cannot open registry: {message.splitlines()[0]}") from None
+                if time.monotonic() + delay > deadline:
+                    raise RegistryLocked(f"{path}: registry is locked by {_lock_holder(message)} "
+                                        f"(gave up after {timeout:.0f}s); retry when it finishes") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 0.25)   # a writer holding the gate makes others wait: keep checking often
+            except duckdb.Error as e:
+                raise RegistryError(f"{path}: cannot open registry: {str(e).splitlines()[0]}") from None
     try:
         if read_only:
             check_version(con, path)
