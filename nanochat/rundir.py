@@ -451,11 +451,14 @@ def _ends_mid_line(path):
 
 def read_events(path):
     """(line number, event dict) of every complete line of an events.jsonl; a line that does not parse (the torn
-    last line of a running or killed writer) is skipped. Nothing when the file does not exist."""
+    last line of a running or killed writer) is skipped. Nothing when the file does not exist; RunDirError naming
+    the file when it cannot be read (a directory, a symlink loop, no permission)."""
     try:
         f = open(path, encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):
         return
+    except OSError as e:
+        raise RunDirError(f"{path}: cannot be read ({e.strerror or e})") from None
     with f:
         for lineno, line in enumerate(f):
             try:
@@ -482,7 +485,7 @@ class EventTail:
                     self.offset, self.partial = 0, b""
                 f.seek(self.offset)
                 chunk = f.read()
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:   # not there yet, or unreadable (a directory, a symlink loop): nothing to show
             return []
         self.offset += len(chunk)
         lines = (self.partial + chunk).split(b"\n")

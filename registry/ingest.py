@@ -109,9 +109,15 @@ def _find_depth(obj):
 
 def read_events(path, key, out):
     """Append the metric/eval/sample lines of one events.jsonl to the column dicts in `out`.
-    A line that does not parse (the partial last line of a running stage) is skipped."""
+    A line that does not parse (the partial last line of a running stage) is skipped; an unreadable file is
+    skipped with a warning."""
     metrics, evals, samples = out["metrics"], out["evals"], out["samples"]
-    for lineno, event in rundir.read_events(path):
+    try:
+        events = list(rundir.read_events(path))
+    except rundir.RunDirError as e:   # the run and its other stages are still ingested
+        print(f"warning: skipped the events of {e}", file=sys.stderr)
+        events = []
+    for lineno, event in events:
         kind, t, step = event.get("kind"), _float(event.get("time")), _int(event.get("step"))
         if kind == "metric":
             values = event.get("values")

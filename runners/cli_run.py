@@ -176,9 +176,11 @@ def validate(spec_path):
     problems = specs.validate(spec_path)
     if not problems:
         try:
-            _make_plan(spec_path)   # what only the plan can tell: batch divisibility, a device batch that cannot fit
             from runners.cli_study import validate_study
-            validate_study(spec_path)   # the same for every cell of a study (a spec with a sweep block)
+            # what only the plan can tell (batch divisibility, a device batch that cannot fit): for a study, of every
+            # cell (what `plan` and `apply` run; a base value that every cell overrides never runs), else of the spec
+            if not validate_study(spec_path):
+                _make_plan(spec_path)
         except SpecError as e:
             problems = e.problems
     if problems:

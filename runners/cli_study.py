@@ -42,16 +42,18 @@ def plan_study_command(study, as_json, detailed_exitcode):
 
 
 def validate_study(spec_path):
-    """Plan-time problems of a study's cells (a batch that does not divide, a model that cannot fit), as SpecError;
-    nothing for a plain spec or a study too large to plan here."""
+    """Plan-time problems of a study's cells (a batch that does not divide, a model that cannot fit), as SpecError.
+    Returns whether `spec_path` is a study (False: a plain spec, for the caller to plan); a study too large to plan
+    here is not planned (`plan --yes` plans it)."""
     import specs
     from runners.study import plan_study
     try:
         study = specs.read_study(spec_path)
     except SpecError:
-        return   # over MAX_CELLS: `plan --yes` plans it
+        return True   # over MAX_CELLS (read_study raises nothing else for a spec that validated)
     if study is not None:
         plan_study(study)
+    return study is not None
 
 
 def apply_study_command(study, yes, node_rank=0, rdzv_endpoint=None, detach=False):

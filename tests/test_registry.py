@@ -13,7 +13,7 @@ import pytest
 
 from conftest import make_run_tree
 from nanochat.rundir import RunDirError
-from registry import db, get_run, ingest_all, ingest_run, leaderboard, list_runs, query, rebuild, sync
+from registry import db, get_run, ingest, ingest_all, ingest_run, leaderboard, list_runs, query, rebuild, sync
 from registry.db import SCHEMA_VERSION, RegistryLocked, connect, registry_path
 from registry.queries import QueryError, recipe_labels
 from specs.errors import RegistryError
@@ -183,19 +183,32 @@ def test_rebuild_equals_incremental_ingest(nanorun_home):
     assert sorted(os.listdir(nanorun_home)) == ["registry.duckdb", "runs", "stages"]  # no temp files left
 
 
-def test_rebuild_crash_keeps_old_database(nanorun_home):
+def test_rebuild_crash_keeps_old_database(nanorun_home, monkeypatch, capsys):
     make_run_tree(nanorun_home, "d12")
     rebuild()
     before = dump(nanorun_home)
     broken = make_run_tree(nanorun_home, "broken")
     run = json.load(open(os.path.join(broken, "run.json")))
     stage_dir = run["stages"][1]["dir"]
-    os.remove(os.path.join(stage_dir, "events.jsonl"))
-    os.makedirs(os.path.join(stage_dir, "events.jsonl"))  # reading it fails mid-rebuild
-    with pytest.raises(IsADirectoryError):
+    real_read_events = ingest.read_events
+
+    def crash(path, key, out):   # a crash mid-rebuild (killed, out of memory), after some rows were read
+        if path.startswith(stage_dir):
+            raise MemoryError("simulated")
+        return real_read_events(path, key, out)
+    monkeypatch.setattr(ingest, "read_events", crash)
+    with pytest.raises(MemoryError):
         rebuild()
     assert dump(nanorun_home) == before
     assert not [f for f in os.listdir(nanorun_home) if "rebuild" in f]
+    monkeypatch.setattr(ingest, "read_events", real_read_events)
+
+    # an events.jsonl that cannot be read (here a directory) loses only its own rows, with a warning naming it
+    os.remove(os.path.join(stage_dir, "events.jsonl"))
+    os.makedirs(os.path.join(stage_dir, "events.jsonl"))
+    assert sorted(rebuild()) == sorted(os.listdir(os.path.join(nanorun_home, "runs")))
+    assert f"warning: skipped the events of {os.path.join(stage_dir, 'events.jsonl')}: cannot be read" \
+        in capsys.readouterr().err
 
 
 def test_rebuild_killed_midway_keeps_old_database(nanorun_home):

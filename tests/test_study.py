@@ -239,6 +239,20 @@ def test_plan_json_lists_every_cell_and_the_totals(tmp_path):
     assert code == 0 and "8 cells = 8 model.depth" in text and "miniseries.depth26-" in text and "total" in text
 
 
+def test_validate_and_plan_judge_the_cells_not_an_overridden_base_value(tmp_path):
+    # found by the full fault campaign: the base's depth 1000 cannot fit in memory, but every cell sets its own depth,
+    # so the base's never runs: validate (which planned the base) refused what plan and apply accept
+    path = write(tmp_path / "s.yaml", study_text("  grid:\n    model.depth: [1, 2]\n").replace(
+        "model: {depth: 1,", "model: {depth: 1000,"))
+    assert cli(["validate", path])[:2] == (0, f"{path}: ok\n")
+    assert cli(["plan", path])[0] == 0
+    # a cell that cannot fit is refused by both, at its sweep value
+    big = write(tmp_path / "big.yaml", study_text("  grid:\n    model.depth: [1, 1000]\n"))
+    for command in ("validate", "plan"):
+        refused = CliRunner().invoke(main, [command, big])
+        assert refused.exit_code == 2 and "sweep.grid.model.depth" in refused.stderr, (command, refused.stderr)
+
+
 def test_shipped_studies_are_the_reference_grids():
     laws = specs.load(ROOT / "specs" / "scaling_laws.yaml")
     assert laws.sweep.grid == {"model.depth": [10, 12, 14, 16, 18, 20],
