@@ -50,6 +50,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from nanochat import rundir  # noqa: E402 (the events.jsonl reading rule every reader shares)
 
 SPEC = """\
 name: concurrency{index}
@@ -348,22 +349,6 @@ def _float(x):
     return x if math.isfinite(x) else None
 
 
-def _events(path):
-    """The JSON object lines of an events.jsonl (a torn last line is skipped, as every reader does)."""
-    if not os.path.exists(path):
-        return []
-    out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict):
-                out.append(event)
-    return out
-
-
 def expected_rows(home):
     """The rows the run directories say the registry should hold, per table, as multisets."""
     rows = {t: collections.Counter() for t in ("runs", "stages", "metrics", "samples", "evals", "results")}
@@ -377,7 +362,7 @@ def expected_rows(home):
             rows["stages"][(run["run_id"], idx, s["stage"], s["key"], s["status"], s.get("exit_code"))] += 1
             keys[s["key"]] = s["dir"]
     for key, directory in keys.items():
-        for e in _events(os.path.join(directory, "events.jsonl")):
+        for _, e in rundir.read_events(os.path.join(directory, "events.jsonl")):
             step = e.get("step") if isinstance(e.get("step"), int) else None
             if e.get("kind") == "metric":
                 for name, value in (e.get("values") or {}).items():
